@@ -1,0 +1,57 @@
+"""Checkpoint directories: `config.yaml` (the resolved MegaTransformerConfig) beside `model.safetensors`."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from megatransformer_utils import MegaTransformerConfig
+from model.megatransformer_causal import MegaTransformerCausalLM
+
+MODEL_CLASSES = {"causal": MegaTransformerCausalLM}
+
+
+def build_model(config: MegaTransformerConfig) -> nn.Module:
+    """A freshly initialised model of the family the config names."""
+    return MODEL_CLASSES[config.model_family](config)
+
+
+def save_pretrained(model: nn.Module, directory) -> Path:
+    """Write model.config and weights to `directory` atomically (a temp dir renamed into place)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.config.to_yaml(staging / "config.yaml")
+        save_model(model, str(staging / "model.safetensors"))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old")
+            directory.rename(old)
+            staging.rename(directory)
+            shutil.rmtree(old)
+        else:
+            staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_pretrained(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The eval-mode model saved in `directory` by save_pretrained (or convert_hf_checkpoint.py)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.yaml", directory / "model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a checkpoint directory holds config.yaml and model.safetensors "
+                                    "(written by save_pretrained or convert_hf_checkpoint.py)")
+    config = MegaTransformerConfig.from_yaml(config_path)
+    model = build_model(config)
+    missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match its config.yaml: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return model.to(device=device, dtype=dtype).eval()
