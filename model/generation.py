@@ -25,6 +25,8 @@ def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches top_p."""
+    if top_p >= 1.0:
+        return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # probability of all strictly more likely tokens
@@ -72,7 +74,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tens
             logits = logits / temperature
             if top_k is not None:
                 logits = apply_top_k(logits, top_k)
-            if top_p is not None and top_p < 1.0:
+            if top_p is not None:
                 logits = apply_top_p(logits, top_p)
             next_token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
         else:
