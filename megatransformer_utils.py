@@ -15,6 +15,7 @@ construction, so a saved config always holds the values the model was built with
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,22 @@ from typing import Optional
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads YAML 1.2 floats: PyYAML (YAML 1.1) loads `5e5` and `1e-5` as strings."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
 
 CHOICES = {
     "model_family": ("causal",),
@@ -110,6 +127,7 @@ class MegaTransformerConfig:
 
     def __post_init__(self):
         _check_types(self)
+        _require(self.n_heads >= 1, f"config key 'n_heads' must be a positive integer, got {self.n_heads}")
         if self.n_query_groups is None:
             self.n_query_groups = self.n_heads
         if self.d_queries is None:
@@ -142,10 +160,7 @@ class MegaTransformerConfig:
             raise ValueError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
         unknown = [key for key in values if key not in cls.field_names()]
         if unknown:
-            key = unknown[0]
-            close = difflib.get_close_matches(key, cls.field_names(), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see MegaTransformerConfig for valid keys"
-            raise ValueError(f"unknown config key '{key}'{hint}")
+            raise ValueError("; ".join(_unknown_key_message(key) for key in unknown))
         return cls(**values)
 
     @classmethod
@@ -178,12 +193,34 @@ class MegaTransformerConfig:
             key = key.strip()
             if not sep or not key:
                 raise ValueError(f"override '{assignment}' must look like KEY=VALUE, e.g. n_layers=4")
-            explicit[key] = yaml.safe_load(text) if text.strip() else None
+            if key not in values:
+                raise ValueError(_unknown_key_message(key))
+            explicit[key] = _parse_override(key, text.strip())
         for derived, source in _DERIVED.items():
             if derived not in explicit and any(s in explicit for s in source):
                 values[derived] = None
         values.update(explicit)
         return type(self).from_dict(values)
+
+
+def _unknown_key_message(key) -> str:
+    close = difflib.get_close_matches(str(key), MegaTransformerConfig.field_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see MegaTransformerConfig for valid keys"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _parse_override(key: str, text: str):
+    """The value of `KEY=text`: YAML-parsed, except that a string field keeps the text as written
+    (so `name=2024` or `name=yes` stay strings); empty or `null` is None."""
+    if text in ("", "null", "~"):
+        return None
+    field_type = typing.get_type_hints(MegaTransformerConfig)[key]
+    if str in _allowed_types(field_type):
+        return text
+    try:
+        return _load_yaml(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"override {key}={text}: the value is not valid YAML ({error})") from None
 
 
 # Fields resolved in __post_init__ and the fields they are derived from.
@@ -195,9 +232,16 @@ _DERIVED = {
 }
 
 
+def _config_paths_by_name() -> dict[str, list[Path]]:
+    paths = {}
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        paths.setdefault(path.stem, []).append(path)
+    return paths
+
+
 def available_config_names() -> dict[str, Path]:
-    """Every `configs/<family>/<name>.yaml` by name."""
-    return {path.stem: path for path in sorted(CONFIG_DIR.glob("*/*.yaml"))}
+    """Every `configs/<family>/<name>.yaml` by name (the first family's file where two share a name)."""
+    return {name: paths[0] for name, paths in _config_paths_by_name().items()}
 
 
 def resolve_config_path(name) -> Path:
@@ -207,25 +251,39 @@ def resolve_config_path(name) -> Path:
         if not as_path.is_file():
             raise ValueError(f"config file {as_path} does not exist")
         return as_path
-    names = available_config_names()
+    names = _config_paths_by_name()
     if name not in names:
         close = difflib.get_close_matches(str(name), list(names), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(f"unknown config name '{name}': {hint}available: {', '.join(names)}")
-    return names[name]
+    if len(names[name]) > 1:
+        raise ValueError(f"config name '{name}' is ambiguous: {', '.join(map(str, names[name]))}; "
+                         "pass the path of the YAML file instead")
+    return names[name][0]
 
 
 def _read_yaml_with_extends(path: Path, seen: tuple) -> dict:
-    if path in seen:
-        raise ValueError(f"config {path} extends itself through {' -> '.join(map(str, seen))}")
-    values = yaml.safe_load(path.read_text()) or {}
+    """The mapping in `path` merged over the files it `extends` (by registry name or by a file name
+    relative to `path`); `seen` holds the resolved paths of the files that extend this one."""
+    if not path.is_file():
+        extended_by = f" (extended by {seen[-1]})" if seen else ""
+        raise ValueError(f"config file {path} does not exist{extended_by}")
+    if path.resolve() in seen:
+        chain = " -> ".join(map(str, seen + (path.resolve(),)))
+        raise ValueError(f"config {path} extends itself: {chain}")
+    try:
+        values = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
     parent = values.pop("extends", None)
     if parent is None:
         return values
-    parent_path = path.parent / parent if str(parent).endswith((".yaml", ".yml")) else resolve_config_path(parent)
-    merged = _read_yaml_with_extends(parent_path, seen + (path,))
+    if not isinstance(parent, str):
+        raise ValueError(f"'extends' in {path} must be a config name or a YAML file name, got {parent!r}")
+    parent_path = path.parent / parent if parent.endswith((".yaml", ".yml")) else resolve_config_path(parent)
+    merged = _read_yaml_with_extends(parent_path, seen + (path.resolve(),))
     merged.pop("name", None)
     merged.update(values)
     return merged
@@ -277,7 +335,8 @@ def _check_values(c: MegaTransformerConfig) -> None:
              "use_positional_embedding (learned) and use_sinusoidal_embedding cannot both be true")
     if c.use_rotary_embedding:
         _require(0 < c.rotary_dim <= c.d_queries and c.rotary_dim % 2 == 0,
-                 f"rotary_dim={c.rotary_dim} must be even and between 2 and d_queries={c.d_queries}")
+                 f"rotary_dim={c.rotary_dim} must be even and between 2 and d_queries={c.d_queries} "
+                 "(rotary_dim defaults to d_queries: with an odd d_queries, set an even rotary_dim)")
     else:
         _require(c.rotary_dim is None, "rotary_dim is set but use_rotary_embedding is false")
     _require(c.n_experts_per_token <= c.n_experts,

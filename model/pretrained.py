@@ -19,16 +19,22 @@ def build_model(config: MegaTransformerConfig) -> nn.Module:
     return MODEL_CLASSES[config.model_family](config)
 
 
+def write_model_files(model: nn.Module, directory: Path) -> None:
+    """config.yaml and model.safetensors into an existing directory (not atomic: see save_pretrained)."""
+    model.config.to_yaml(directory / "config.yaml")
+    save_model(model, str(directory / "model.safetensors"))
+
+
 def save_pretrained(model: nn.Module, directory) -> Path:
     """Write model.config and weights to `directory` atomically (a temp dir renamed into place)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        model.config.to_yaml(staging / "config.yaml")
-        save_model(model, str(staging / "model.safetensors"))
+        write_model_files(model, staging)
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)  # left by a save killed between the two renames
             directory.rename(old)
             staging.rename(directory)
             shutil.rmtree(old)
@@ -48,10 +54,14 @@ def load_pretrained(directory, device: str | torch.device = "cpu", dtype: torch.
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: a checkpoint directory holds config.yaml and model.safetensors "
                                     "(written by save_pretrained or convert_hf_checkpoint.py)")
-    config = MegaTransformerConfig.from_yaml(config_path)
-    model = build_model(config)
+    model = build_model(MegaTransformerConfig.from_yaml(config_path))
+    load_weights(model, weights_path, device)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_weights(model: nn.Module, weights_path: Path, device: str | torch.device = "cpu") -> None:
+    """Load model.safetensors into `model` in place; every parameter must match by name and shape."""
     missing, unexpected = load_model(model, str(weights_path), strict=False, device=str(device))
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match its config.yaml: missing {sorted(missing)[:5]}, "
+        raise ValueError(f"{weights_path} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(device=device, dtype=dtype).eval()

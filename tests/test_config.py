@@ -392,3 +392,22 @@ def test_head_sizes_independent_of_hidden_size(n_query_groups):
     out = model(input_ids, labels=input_ids)
     assert out.logits.shape == (2, 10, config.vocab_size)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+
+def test_odd_head_size_asks_for_an_even_rotary_dim():
+    with pytest.raises(ValueError, match=r"rotary_dim=15 must be even .*odd d_queries, set an even rotary_dim"):
+        small(hidden_size=60, n_heads=4)
+    assert small(hidden_size=60, n_heads=4, rotary_dim=14).rotary_dim == 14
+
+
+def test_name_in_two_families_is_ambiguous(tmp_path, monkeypatch):
+    import megatransformer_utils
+
+    write_yaml(tmp_path / "causal" / "twin.yaml", "n_layers: 2\n")
+    write_yaml(tmp_path / "recurrent" / "twin.yaml", "n_layers: 3\n")
+    write_yaml(tmp_path / "causal" / "single.yaml", "n_layers: 4\n")
+    monkeypatch.setattr(megatransformer_utils, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ValueError, match=r"config name 'twin' is ambiguous: .*causal/twin\.yaml, .*recurrent/twin\.yaml"):
+        MegaTransformerConfig.from_name("twin")
+    assert MegaTransformerConfig.from_name("single").n_layers == 4
+    assert MegaTransformerConfig.from_name(str(tmp_path / "recurrent" / "twin.yaml")).n_layers == 3
