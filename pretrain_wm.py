@@ -1,0 +1,91 @@
+"""Pretrain a language model on a cached text dataset, in one process or under DeepSpeed.
+
+    python preprocess_text_dataset.py --dataset_name builtin:text --train_tokenizer
+    deepspeed --num_gpus=2 pretrain_wm.py --use_deepspeed --bf16 --run_name my_run_name \\
+        --config gpt2_small --max_steps 300000 --gradient_accumulation_steps 8 \\
+        --use_gradient_checkpointing --deepspeed_config ds_config_zero-2.json
+    python pretrain_wm.py --run_name quick --config tiny --max_steps 200       # plain PyTorch, one process
+
+The model family follows the config: a name containing `recurrent` selects the recurrent-depth LM,
+a multimodal config the world model, anything else the causal LM. The vocabulary size and special
+tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
+"""
+
+import logging
+import os
+import sys
+
+from data.text_cache import TextTokenCache
+from megatransformer_utils import MegaTransformerConfig
+from model import build_model
+from training.arguments import build_parser, check_arguments
+from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
+from training.loop import TrainingStopped, start_run, train
+
+FAMILIES_AVAILABLE = ("causal",)
+
+
+def model_family(config: MegaTransformerConfig) -> str:
+    if "recurrent" in (config.name or ""):
+        return "recurrent"
+    return config.model_family
+
+
+def parse_args(argv=None):
+    parser = build_parser(__doc__)
+    parser.add_argument("--config", default="gpt2_small", help="config name in configs/ or a YAML path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--data_dir", default="cached_datasets/text", help="written by preprocess_text_dataset.py")
+    parser.add_argument("--seq_len", type=int, help="tokens per sequence (default: min(1024, max_position_embeddings))")
+    parser.add_argument("--generation_steps", type=int, help="text samples every N steps (default: --eval_steps)")
+    parser.add_argument("--sample_prompts", nargs="+", help="prompts for the text samples")
+    parser.add_argument("--sample_max_new_tokens", type=int, default=48)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args, cache) -> MegaTransformerConfig:
+    """The named config with --set overrides, its vocabulary and special tokens taken from the cache."""
+    config = MegaTransformerConfig.from_name(args.config).with_overrides(args.set)
+    family = model_family(config)
+    if family not in FAMILIES_AVAILABLE:
+        raise ValueError(f"config '{config.name}' is a {family} model, which pretrain_wm.py cannot train yet "
+                         f"(available: {', '.join(FAMILIES_AVAILABLE)})")
+    tokens = {"vocab_size": cache.vocab_size, "eos_token_id": cache.eos_token_id,
+              "bos_token_id": cache.bos_token_id, "pad_token_id": cache.pad_token_id}
+    config = config.with_overrides([f"{key}={'null' if value is None else value}" for key, value in tokens.items()])
+    args.seq_len = args.seq_len or min(1024, config.max_position_embeddings)
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq_len {args.seq_len} exceeds max_position_embeddings={config.max_position_embeddings} "
+                         f"of config '{config.name}'")
+    return config
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    args.sample_prompts = args.sample_prompts or list(DEFAULT_PROMPTS)
+    try:
+        check_arguments(args)
+        cache = TextTokenCache(args.data_dir)
+        config = resolve_config(args, cache)
+        context = start_run(args)
+        model = build_model(config)
+        summary = train(build_lm_task(model, config, cache, args, context), args, context)
+    except (ValueError, FileNotFoundError, TrainingStopped) as error:
+        if is_rank0:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    if is_rank0:
+        print(f"\nfinished {summary['run_dir']} at step {summary['step']} "
+              f"({summary['tokens']:,} tokens, {summary['skipped_nonfinite']} skipped non-finite)")
+        if "eval/loss" in summary:
+            print(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
+        if "samples/text" in summary:
+            print(f"\nsamples:\n{summary['samples/text']}")
+        print(f"\ncheckpoint: {summary.get('checkpoint')}\nTensorBoard: ./tensorboard.sh  (then open http://localhost:6006)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What a run shows: TensorBoard scalars and text under runs/RUN_NAME/, and a tqdm progress bar.
+Only rank 0 writes or prints; on other ranks every method does nothing."""
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from training.distributed import is_main_process
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 matmul peak per GPU (vendor figures), for MFU. Unknown GPUs report no MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def gpu_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
+class RunMonitor:
+    def __init__(self, run_dir: Path, max_steps: int, initial_step: int, show_progress: bool):
+        self.enabled = is_main_process()
+        self.writer = None
+        self.progress = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+        if show_progress:
+            self.progress = tqdm(total=max_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.writer:
+            self.writer.add_text(tag, text, step)
+
+    def advance(self, steps: int, postfix: Optional[dict] = None) -> None:
+        if self.progress:
+            self.progress.update(steps)
+            if postfix:
+                self.progress.set_postfix(postfix, refresh=False)
+
+    def message(self, text: str) -> None:
+        """A line for the user: through tqdm (so the bar is not broken) or the log."""
+        if not self.enabled:
+            return
+        if self.progress:
+            self.progress.write(text)
+        else:
+            logger.info(text)
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.close()
+        if self.writer:
+            self.writer.flush()
+            self.writer.close()
