@@ -19,8 +19,13 @@ $(STAMP): requirements.txt requirements-deepspeed.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The main job on the built-in data: cache the corpus once, then train `tiny` for a few minutes on two
+# DeepSpeed ZeRO-2 ranks (CPU ranks over gloo when there is no GPU).
 demo: $(STAMP)
-	$(PY) generate_text.py --config tiny --prompt "The quick brown fox" --max_new_tokens 48
+	test -f cached_datasets/text/meta.json || $(PY) preprocess_text_dataset.py --dataset_name builtin:text --train_tokenizer
+	$(VENV)/bin/deepspeed --num_gpus=2 pretrain_wm.py --use_deepspeed --deepspeed_config ds_config_zero-2.json \
+		--bf16 --run_name demo --overwrite_run --config tiny --max_steps 200 --batch_size 8 --seq_len 256 \
+		--learning_rate 2e-3 --warmup_steps 20 --logging_steps 10 --eval_steps 50 --save_steps 100
 
 bench: $(STAMP)
 	$(PY) bench/lm_throughput.py

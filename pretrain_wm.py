@@ -61,7 +61,8 @@ def resolve_config(args, cache) -> MegaTransformerConfig:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("training").setLevel(logging.INFO)  # the loop's messages (evaluations, stops) without a bar
     args = parse_args(argv)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     args.sample_prompts = args.sample_prompts or list(DEFAULT_PROMPTS)
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
             print(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
         if "samples/text" in summary:
             print(f"\nsamples:\n{summary['samples/text']}")
-        print(f"\ncheckpoint: {summary.get('checkpoint')}\nTensorBoard: ./tensorboard.sh  (then open http://localhost:6006)")
+        print(f"\ncheckpoint: {summary.get('checkpoint')}")
+        print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
     return 0
 
 

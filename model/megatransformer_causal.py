@@ -39,8 +39,11 @@ class CausalLMOutput:
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token loss: logits (B, T, V) at position t predict labels (B, T) at t + 1; -100 is ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    """Next-token loss: logits (B, T, V) at position t predict labels (B, T) at t + 1; -100 is ignored.
+    The labels are shifted left and padded with -100 (as Hugging Face does) rather than the logits sliced,
+    which would copy the (B, T - 1, V) logits forward and backward."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def init_weights(model: nn.Module, config: MegaTransformerConfig) -> None:

@@ -5,7 +5,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
 
 from megatransformer_utils import MegaTransformerConfig
@@ -22,7 +22,18 @@ def build_model(config: MegaTransformerConfig) -> nn.Module:
 def write_model_files(model: nn.Module, directory: Path) -> None:
     """config.yaml and model.safetensors into an existing directory (not atomic: see save_pretrained)."""
     model.config.to_yaml(directory / "config.yaml")
-    save_model(model, str(directory / "model.safetensors"))
+    save_file(unique_tensors(model), str(directory / "model.safetensors"))
+
+
+def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied parameters stored once (under their first name), each as its own contiguous copy
+    (DeepSpeed keeps parameters as views into flat buffers, which safetensors refuses to save)."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            tensors[name] = tensor.detach().contiguous().clone()
+    return tensors
 
 
 def save_pretrained(model: nn.Module, directory) -> Path:

@@ -16,7 +16,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("--resume_from_checkpoint", metavar="PATH|latest",
                      help="a checkpoint directory, or 'latest' for the newest in runs/RUN_NAME/")
     run.add_argument("--overwrite_run", action="store_true",
-                     help="start afresh even if runs/RUN_NAME/ already holds checkpoints (they are deleted)")
+                     help="start afresh even if runs/RUN_NAME/ holds checkpoints (deletes the old run)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max_steps", type=int, default=1000, help="optimizer steps to train for")

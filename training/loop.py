@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import yaml
 from torch import nn
 
 from training.checkpoints import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
@@ -103,8 +104,8 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
                              "continue it, --overwrite_run to start afresh, or another --run_name")
         barrier()
         if is_main_process():
-            for path in existing:
-                shutil.rmtree(path)
+            shutil.rmtree(run_dir)  # checkpoints and TensorBoard events of the old run
+    resume_path = resolve_checkpoint(args.resume_from_checkpoint, run_dir) if args.resume_from_checkpoint else None
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         task.config.to_yaml(run_dir / "config.yaml")
@@ -115,16 +116,16 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
     model = engine.module
 
     state = {"step": 0, "micro_batches": 0, "skipped_nonfinite": 0, "tokens": 0}
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.resume_from_checkpoint, run_dir)
-        state.update(load_checkpoint(path, model, engine, args.use_deepspeed))
+    if resume_path:
+        state.update(load_checkpoint(resume_path, model, engine, args.use_deepspeed))
         state.pop("world_size", None)
-        logger.info("resumed from %s at step %d", path, state["step"])
+        logger.info("resumed from %s at step %d", resume_path, state["step"])
     else:
         torch.manual_seed(args.seed + context.rank)  # dropout and sampling differ per rank
 
     monitor = RunMonitor(run_dir, args.max_steps, state["step"], show_progress=not args.no_progress_bar)
-    monitor.text("config", f"```\n{task.config.to_dict()}\n```", state["step"])
+    monitor.text("config", "    " + yaml.safe_dump(task.config.to_dict(), sort_keys=False).replace("\n", "\n    "),
+                 state["step"])
     peak_flops = gpu_peak_flops(context.device)
     summary = {"run_dir": str(run_dir)}
     window = {"loss": 0.0, "micro": 0, "tokens": 0, "start": time.perf_counter()}
