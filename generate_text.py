@@ -1,20 +1,24 @@
 """Generate text from a causal LM checkpoint (or, to try an architecture, a randomly initialised config).
 
-    python generate_text.py --checkpoint runs/my_run/checkpoint-1000 --tokenizer gpt2 --prompt "Once upon a time"
+    python generate_text.py --run_dir runs/my_run --prompt "Once upon a time"   # newest checkpoint, run's tokenizer
+    python generate_text.py --run_dir runs/my_run --checkpoint checkpoint-1000 --prompt "Once upon a time"
+    python generate_text.py --checkpoint runs/converted --tokenizer path/to/hf_tokenizer --prompt "Hi"
     python generate_text.py --config tiny --prompt "Hello"          # random weights: shows the machinery works
 
-Without --tokenizer, text is encoded as raw UTF-8 bytes (token id = byte value), which any model with
-vocab_size >= 256 accepts.
+A run directory (written by pretrain_wm.py) holds its tokenizer; otherwise pass --tokenizer, or text is
+encoded as raw UTF-8 bytes (token id = byte value), which any model with vocab_size >= 256 accepts.
 """
 
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model, load_pretrained
+from training.checkpoints import resolve_checkpoint
 
 
 class ByteTokenizer:
@@ -39,11 +43,25 @@ def load_tokenizer(name_or_path):
                          "directory written by a tokenizer's save_pretrained") from error
 
 
+def resolve_sources(args) -> None:
+    """Fill args.checkpoint and args.tokenizer from --run_dir; exactly one of a checkpoint or --config is used."""
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if args.checkpoint and not Path(args.checkpoint).is_dir():
+            args.checkpoint = str(run_dir / args.checkpoint)
+        args.checkpoint = args.checkpoint or str(resolve_checkpoint("latest", run_dir))
+        if args.tokenizer is None and (run_dir / "tokenizer").is_dir():
+            args.tokenizer = str(run_dir / "tokenizer")
+    if bool(args.checkpoint) == bool(args.config):
+        raise ValueError("give one model: --run_dir, --checkpoint, or --config (random weights)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint directory (config.yaml + model.safetensors)")
-    source.add_argument("--config", help="config name or YAML path: builds a randomly initialised model")
+    parser.add_argument("--run_dir", help="a training run: its newest checkpoint (or --checkpoint) and its tokenizer")
+    parser.add_argument("--checkpoint", help="checkpoint directory (config.yaml + model.safetensors), or its name "
+                                             "inside --run_dir")
+    parser.add_argument("--config", help="config name or YAML path: builds a randomly initialised model")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     parser.add_argument("--tokenizer", help="Hugging Face tokenizer name or local path (default: UTF-8 bytes)")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
@@ -59,6 +77,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(args.seed)
     try:
+        resolve_sources(args)
         tokenizer = load_tokenizer(args.tokenizer)
         if args.checkpoint:
             model = load_pretrained(args.checkpoint, device=args.device)

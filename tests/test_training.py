@@ -423,3 +423,16 @@ def test_bad_input_gets_a_clear_error(bad_input_results, case):
     assert len(errors) == 1, completed.stderr
     for expected in BAD_INPUTS[case][1]:
         assert expected in errors[0], errors[0]
+
+
+def test_generate_text_from_a_run_dir(learning_run, capsys):
+    """generate_text.py --run_dir takes the run's newest checkpoint and the tokenizer saved beside it."""
+    import generate_text
+
+    assert (learning_run / "tokenizer" / "tokenizer.json").is_file()
+    assert generate_text.main(["--run_dir", str(learning_run), "--prompt", "The", "--prompt", "In the",
+                               "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert ">>> The" in out and ">>> In the" in out and "random weights" not in out
+    assert generate_text.main(["--run_dir", str(learning_run), "--checkpoint", "checkpoint-999", "--prompt", "x"]) == 1
+    assert "checkpoint-999" in capsys.readouterr().err

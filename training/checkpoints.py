@@ -53,11 +53,11 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
     if spec == "latest":
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* directory in {run_dir}")
+            raise FileNotFoundError(f"no checkpoint-* directory in {run_dir} to take the latest from")
         return checkpoints[-1]
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a checkpoint directory (no trainer_state.json)")
+        raise FileNotFoundError(f"{spec} is not a checkpoint directory (it has no trainer_state.json)")
     return path
 
 

@@ -40,6 +40,8 @@ def build_lm_task(model, config, cache: TextTokenCache, args, context) -> Traini
     val = evaluation_batches(cache.tokens("val"), seq_len, args.batch_size, args.eval_batches)
     val = [{"input_ids": ids} for ids in val]
     tokenizer = cache.load_tokenizer()
+    if context.rank == 0:  # generate_text.py --run_dir finds it here
+        tokenizer.save_pretrained(context.run_dir / "tokenizer")
 
     def evaluate(eval_model) -> dict:
         loss = evaluate_mean_loss(eval_model, val, lm_loss, context.device)
