@@ -386,6 +386,7 @@ BAD_INPUTS = {
                                    ["no checkpoint-* directory"]),
     "resume_from_non_checkpoint": (["--resume_from_checkpoint", "{tmp}"], ["not a checkpoint directory"]),
     "zero_steps": (["--max_steps", "0"], ["--max_steps must be at least 1"]),
+    "recurrent_not_yet": (["--config", "{tmp}/my_recurrent.yaml"], ["'my_recurrent' is a recurrent model"]),
     "seq_len_too_long": (["--seq_len", "4096"], ["--seq_len 4096 exceeds max_position_embeddings=256"]),
 }
 
@@ -399,6 +400,7 @@ def bad_input_results(text_cache, tmp_path_factory) -> dict:
     shard = truncated / "train-00000.bin"
     os.truncate(shard, shard.stat().st_size - 3)
     (tmp / "bad.yaml").write_text("extends: tiny\nn_layerz: 3\n")
+    (tmp / "my_recurrent.yaml").write_text("extends: tiny\n")
     runs = tmp / "runs"
     (runs / "existing" / "checkpoint-1").mkdir(parents=True)
     processes = {}
