@@ -18,6 +18,7 @@ import torch
 
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model, load_pretrained
+from model.generation import left_pad
 from training.checkpoints import resolve_checkpoint
 
 
@@ -92,10 +93,8 @@ def main(argv=None) -> int:
         return 1
 
     encoded = [tokenizer.encode(prompt) for prompt in args.prompt]
-    longest = max(len(ids) for ids in encoded)
-    pad = config.pad_token_id if config.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in encoded], device=args.device)
-    attention_mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded], device=args.device)
+    input_ids, attention_mask = left_pad(encoded, config.pad_token_id, args.device)
+    longest = input_ids.shape[1]
 
     print(f"model: {config.name} ({config.model_family}), {model.num_parameters() / 1e6:.2f}M parameters, "
           f"{model.flops_per_token(longest + args.max_new_tokens, training=False) / 1e6:.1f} MFLOP/token"

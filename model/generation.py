@@ -36,6 +36,17 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def left_pad(sequences: list[list[int]], pad_token_id: Optional[int],
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists of different lengths → (input_ids (B, T), attention_mask (B, T)), padded on the left
+    (with pad_token_id, or 0 when there is none) as generate expects."""
+    longest = max(len(ids) for ids in sequences)
+    pad = pad_token_id if pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (longest - len(ids)) + list(ids) for ids in sequences], device=device)
+    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in sequences], device=device)
+    return input_ids, mask
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,

@@ -6,6 +6,7 @@ import math
 import torch
 
 from data.text_cache import PackedBatches, TextTokenCache, evaluation_batches
+from model.generation import left_pad
 from training.loop import TrainingTask, evaluate_mean_loss
 
 DEFAULT_PROMPTS = ("The", "In the beginning", "def main():", "The function returns")
@@ -20,10 +21,8 @@ def _sample_texts(model, tokenizer, prompts, max_new_tokens: int, device: torch.
     """Sampled continuations (temperature 0.8, top-k 50) from a private generator: the global RNG, and so an
     exact resume, is untouched."""
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
-    longest = max(len(ids) for ids in encoded)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (longest - len(ids)) + ids for ids in encoded], device=device)
-    mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
+    input_ids, mask = left_pad(encoded, model.config.pad_token_id, device)
+    longest = input_ids.shape[1]
     generator = torch.Generator(device=device).manual_seed(0)
     output = model.generate(input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                             temperature=0.8, top_k=50, eos_token_id=model.config.eos_token_id,
