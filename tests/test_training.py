@@ -314,6 +314,22 @@ def test_deepspeed_zero2_two_ranks_save_and_resume(text_cache, tmp_path):
     assert torch.equal(generated[:, :4], prompt)
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_exports_full_weights(text_cache, tmp_path):
+    """ZeRO-3 partitions the weights themselves: the checkpoint's model.safetensors must still hold them all."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("two ranks need two GPUs, or none (CPU ranks over gloo)")
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--master_port", str(free_port()),
+               "pretrain_wm.py", *pretrain_args(text_cache, tmp_path, "z3", "--use_deepspeed", "--deepspeed_config",
+                                                "ds_config_zero-3.json", "--max_steps", "2", *SMALL)]
+    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+    model = load_pretrained(tmp_path / "z3" / "checkpoint-2")
+    reference = build_model(model.config)
+    for (name, loaded), (_, fresh) in zip(model.named_parameters(), reference.named_parameters()):
+        assert loaded.shape == fresh.shape, name
+
+
 # ----- non-finite losses (the loop directly, with a fake task) -----
 
 def nan_task(nan_micro_batches: set[int]) -> TrainingTask:

@@ -72,8 +72,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, engine, tr
     barrier()
     engine.save_state(staging)
     torch.save(rng_state(), staging / f"rng_state_{rank()}.pt")
+    with engine.full_parameters():
+        if is_main_process():
+            write_model_files(model, staging)
     if is_main_process():
-        write_model_files(model, staging)
         (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": world_size()}, indent=2))
     barrier()
     if is_main_process():

@@ -59,6 +59,10 @@ class PlainEngine:
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def full_parameters(self):
+        """A context in which the module holds all its weights (always, without ZeRO-3)."""
+        return contextlib.nullcontext()
+
     @property
     def learning_rate(self) -> float:
         return self.scheduler.get_last_lr()[0]
@@ -139,6 +143,14 @@ class DeepSpeedEngine:
 
     def discard_gradients(self) -> None:
         self.engine.zero_grad()
+
+    def full_parameters(self):
+        """ZeRO-3 partitions the weights themselves: gather them on every rank (all ranks must enter)."""
+        if self.engine.zero_optimization_stage() != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
 
     @property
     def learning_rate(self) -> float:

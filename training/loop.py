@@ -119,7 +119,8 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
     if resume_path:
         state.update(load_checkpoint(resume_path, model, engine, args.use_deepspeed))
         state.pop("world_size", None)
-        logger.info("resumed from %s at step %d", resume_path, state["step"])
+        if is_main_process():
+            logger.info("resumed from %s at step %d", resume_path, state["step"])
     else:
         torch.manual_seed(args.seed + context.rank)  # dropout and sampling differ per rank
 
