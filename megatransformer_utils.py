@@ -42,7 +42,7 @@ def _load_yaml(text: str):
 
 
 CHOICES = {
-    "model_family": ("causal",),
+    "model_family": ("causal", "recurrent"),
     "ffn_type": ("mlp", "moe"),
     "intermediate_activation": ("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "reglu"),
     "norm_type": ("layernorm", "rmsnorm"),
@@ -351,3 +351,6 @@ def _check_values(c: MegaTransformerConfig) -> None:
     _require(c.recurrent_mean_thinking_steps >= 1 and c.recurrent_backprop_depth >= 1,
              "recurrent_mean_thinking_steps and recurrent_backprop_depth must be at least 1")
     _require(c.recurrent_max_thinking_steps >= 1, "recurrent_max_thinking_steps must be at least 1")
+    _require(c.n_recurrent_layers >= 1, f"config key 'n_recurrent_layers' must be at least 1, got {c.n_recurrent_layers}")
+    for key in ("n_prelude_layers", "n_coda_layers", "recurrent_thinking_steps_sigma", "recurrent_exit_criteria_threshold"):
+        _require(getattr(c, key) >= 0, f"config key '{key}' must not be negative, got {getattr(c, key)}")

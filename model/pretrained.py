@@ -10,8 +10,9 @@ from torch import nn
 
 from megatransformer_utils import MegaTransformerConfig
 from model.megatransformer_causal import MegaTransformerCausalLM
+from model.megatransformer_recurrent import MegaTransformerRecurrentLM
 
-MODEL_CLASSES = {"causal": MegaTransformerCausalLM}
+MODEL_CLASSES = {"causal": MegaTransformerCausalLM, "recurrent": MegaTransformerRecurrentLM}
 
 
 def build_model(config: MegaTransformerConfig) -> nn.Module:

@@ -99,6 +99,18 @@ class KVCache:
         self._lengths[layer] = end
         return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
 
+    def __contains__(self, layer: Hashable) -> bool:
+        return layer in self._lengths
+
+    def get(self, layer: Hashable) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached keys (B, G, Tk, d_queries) and values (B, G, Tk, d_values) of one layer."""
+        end = self._lengths[layer]
+        return self._keys[layer][:, :, :end], self._values[layer][:, :, :end]
+
+    def truncate(self, layer: Hashable, length: int) -> None:
+        """Forget the positions of `layer` from `length` on (the recurrent model's trial decodes roll back)."""
+        self._lengths[layer] = min(self._lengths[layer], length)
+
     @staticmethod
     def _grow(old: Optional[torch.Tensor], new: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
         buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])

@@ -1,0 +1,267 @@
+"""Recurrent-depth language model (Geiping et al. 2025, "Huginn"): prelude → core iterated r times → coda.
+
+    model = MegaTransformerRecurrentLM(MegaTransformerConfig.from_name("recurrent_small"))
+    out = model(input_ids, labels=input_ids)               # training: r sampled per step
+    out = model.eval()(input_ids, num_steps=16)            # fixed depth; out.thinking_steps (B, T)
+    out = model.eval()(input_ids)                          # adaptive exit under recurrent_exit_criteria
+    tokens = model.generate(prompt_ids, max_new_tokens=20, num_steps=16)
+
+Each iteration feeds adapter(state, e) to the core blocks, e being the prelude output. Training draws r
+from a Poisson–log-normal distribution seeded by (depth_seed, step), so every rank draws the same r, and
+backpropagates through the last `recurrent_backprop_depth` iterations only. Core layer j at iteration i
+caches its keys and values under (layer index of j, i).
+
+`lookup` names every YAML file in configs/recurrent/.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatransformer_utils import CONFIG_DIR, MegaTransformerConfig
+from model import generation
+from model.megatransformer_causal import init_weights, shifted_cross_entropy
+from model.recurrent_criteria import iterate_until_exit, make_criterion
+from model.transformer.attention import AttentionInputs, KVCache
+from model.transformer.block import TransformerBlock
+from model.transformer.embedding import DecoderEmbedding
+from model.transformer.norms import make_norm
+
+lookup = {path.stem: path for path in sorted((CONFIG_DIR / "recurrent").glob("*.yaml"))}
+
+
+@dataclass
+class RecurrentLMOutput:
+    """logits: (B, T, vocab_size); loss = cross-entropy + aux_loss when labels are given.
+    thinking_steps: (B, T) long, the core iterations each token used; num_steps: iterations run in all."""
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    aux_loss: Optional[torch.Tensor] = None
+    moe_losses: Optional[torch.Tensor] = None
+    past_key_values: Optional[KVCache] = None
+    thinking_steps: Optional[torch.Tensor] = None
+    num_steps: int = 0
+
+
+class RecurrentAdapter(nn.Module):
+    """(state, e), each (B, T, H) → core input (B, T, H). sum: state + e; gate: g * state + (1 - g) * e with
+    g = sigmoid(W [state; e]); linear: W [state; e]."""
+
+    def __init__(self, config: MegaTransformerConfig):
+        super().__init__()
+        self.kind = config.recurrent_adapter
+        H = config.hidden_size
+        self.proj = nn.Linear(2 * H, H, bias=self.kind == "gate") if self.kind != "sum" else None
+
+    def forward(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if self.kind == "sum":
+            return state + e
+        mixed = self.proj(torch.cat((state, e), dim=-1))
+        if self.kind == "gate":
+            gate = torch.sigmoid(mixed)
+            return gate * state + (1 - gate) * e
+        return mixed
+
+
+class MegaTransformerRecurrentLM(nn.Module):
+    """embedding → prelude blocks → (adapter → core blocks → core norm) × r → coda blocks → final norm → LM head."""
+
+    def __init__(self, config: MegaTransformerConfig):
+        super().__init__()
+        self.config = config
+        P, R, C = config.n_prelude_layers, config.n_recurrent_layers, config.n_coda_layers
+        self.embedding = DecoderEmbedding(config)
+        self.prelude = nn.ModuleList(TransformerBlock(config, i) for i in range(P))
+        self.adapter = RecurrentAdapter(config)
+        self.core = nn.ModuleList(TransformerBlock(config, P + i) for i in range(R))
+        self.core_norm = make_norm(config)
+        self.coda = nn.ModuleList(TransformerBlock(config, P + R + i) for i in range(C))
+        self.final_norm = make_norm(config, config.use_final_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.depth_seed = 0  # with the step, seeds sample_num_steps; the same on every rank
+        self.training_steps_drawn = 0  # training forwards that sampled their depth (the default step)
+        self.generation_num_steps: Optional[int] = None  # depth used by generate(); None = config default
+        # Residual projections scaled for the effective depth of a mean-depth forward pass.
+        effective_layers = P + C + R * config.recurrent_mean_thinking_steps
+        init_weights(self, replace(config, n_layers=max(effective_layers, 1)))
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embedding.tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+    # ----- depth -----
+    def sample_num_steps(self, step: int) -> int:
+        """r ~ 1 + Poisson(λ), log λ ~ N(log(mean - 1) - σ²/2, σ): E[r] = recurrent_mean_thinking_steps.
+        Seeded by (depth_seed, step) alone, so every rank (every model instance) draws the same r for a step."""
+        c = self.config
+        generator = torch.Generator().manual_seed(self.depth_seed * 1_000_003 + step)
+        if c.recurrent_mean_thinking_steps <= 1:
+            return 1
+        sigma = c.recurrent_thinking_steps_sigma
+        mu = torch.log(torch.tensor(float(c.recurrent_mean_thinking_steps - 1))) - sigma ** 2 / 2
+        rate = torch.exp(mu + sigma * torch.randn((), generator=generator))
+        return 1 + int(torch.poisson(rate.reshape(1), generator=generator).item())
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """e: (B, T, H) prelude output → the latent state before the first iteration (B, T, H)."""
+        kind, std = self.config.recurrent_init_state, self.config.initializer_range
+        if kind == "zero":
+            return torch.zeros_like(e)
+        if kind == "normal":
+            return torch.randn_like(e)
+        if kind == "like-init":
+            return nn.init.trunc_normal_(torch.empty_like(e), 0.0, std, -3 * std, 3 * std)
+        return e  # embed
+
+    # ----- pieces -----
+    def _run(self, block: TransformerBlock, x, inputs, cache, token_mask, cache_key, aux_terms):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            x, aux = checkpoint(block, x, inputs, cache, token_mask, cache_key, use_reentrant=False)
+        else:
+            x, aux = block(x, inputs, cache, token_mask, cache_key)
+        if aux is not None:
+            aux_terms.append(aux)
+        return x
+
+    def _core_step(self, state, e, inputs, cache, token_mask, step, past_length, aux_terms) -> torch.Tensor:
+        """One iteration: state (B, T, H) → state (B, T, H). With a cache, step `step` of earlier positions that
+        never ran so deep reuses their deepest cached step."""
+        x = self.adapter(state, e)
+        for block in self.core:
+            key = (block.attn.layer_index, step)
+            if cache is not None and past_length and key not in cache:
+                k, v = cache.get((block.attn.layer_index, step - 1))
+                cache.update(key, k[:, :, :past_length], v[:, :, :past_length])
+            x = self._run(block, x, inputs, cache, token_mask, key, aux_terms)
+        return self.core_norm(x)
+
+    def _decode(self, state, inputs, cache, token_mask, aux_terms) -> torch.Tensor:
+        """state (B, T, H) → logits (B, T, V) through the coda, final norm and LM head."""
+        x = state
+        for block in self.coda:
+            x = self._run(block, x, inputs, cache, token_mask, None, aux_terms)
+        return self.lm_head(self.final_norm(x))
+
+    # ----- forward -----
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, position_ids: Optional[torch.Tensor] = None,
+                num_steps: Optional[int] = None, exit_criteria: Optional[str] = None) -> RecurrentLMOutput:
+        """input_ids: (B, T); attention_mask: (B, cached + T); labels: (B, T), -100 ignored.
+        num_steps: a fixed depth. Without it: training samples r (sample_num_steps); evaluation exits per token
+        under `exit_criteria` (default config.recurrent_exit_criteria) within recurrent_max_thinking_steps, or
+        runs recurrent_mean_thinking_steps when the criterion is "none"."""
+        c = self.config
+        if num_steps is None:
+            num_steps = self.generation_num_steps
+        criterion = None
+        if num_steps is None and self.training:
+            num_steps = self.sample_num_steps(self.training_steps_drawn)
+            self.training_steps_drawn += 1
+        elif num_steps is None:
+            criterion = make_criterion(exit_criteria or c.recurrent_exit_criteria, c.recurrent_exit_criteria_threshold)
+            num_steps = c.recurrent_max_thinking_steps if criterion is not None else c.recurrent_mean_thinking_steps
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past_length = len(cache) if cache is not None else 0
+        x, inputs = self.embedding(input_ids, attention_mask, position_ids, past_length)
+        token_mask = attention_mask[:, past_length:] if attention_mask is not None else None
+        aux_terms: list[torch.Tensor] = []
+        for block in self.prelude:
+            x = self._run(block, x, inputs, cache, token_mask, None, aux_terms)
+        e = x
+
+        grad_from = num_steps - c.recurrent_backprop_depth  # earlier iterations run without autograd
+        grad_enabled = torch.is_grad_enabled()
+
+        def step(state: torch.Tensor, i: int) -> torch.Tensor:
+            with torch.set_grad_enabled(grad_enabled and i >= grad_from):
+                return self._core_step(state, e, inputs, cache, token_mask, i, past_length, aux_terms)
+
+        def readout(state: torch.Tensor) -> torch.Tensor:
+            logits = self._decode(state, inputs, cache, token_mask, [])
+            if cache is not None:  # a trial decode: forget the coda's keys and values again
+                for block in self.coda:
+                    cache.truncate(block.attn.layer_index, past_length)
+            return logits
+
+        state = self.initial_state(e)
+        state, thinking_steps, iterations = iterate_until_exit(step, state, num_steps, criterion, readout)
+        if cache is not None:
+            self._fill_deeper_steps(cache, iterations, past_length, input_ids.shape[1])
+        logits = self._decode(state, inputs, cache, token_mask, aux_terms)
+
+        moe_losses = torch.stack(aux_terms).mean(0) if aux_terms else None
+        aux_loss = (c.moe_aux_loss_weight * moe_losses[0] + c.moe_z_loss_weight * moe_losses[1]
+                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
+        loss = shifted_cross_entropy(logits, labels) + aux_loss if labels is not None else None
+        return RecurrentLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_losses=moe_losses,
+                                 past_key_values=cache if use_cache or past_key_values is not None else None,
+                                 thinking_steps=thinking_steps, num_steps=iterations)
+
+    def _fill_deeper_steps(self, cache: KVCache, iterations: int, past_length: int, new_length: int) -> None:
+        """Earlier calls may have cached more iterations than this one ran: give the new positions those steps
+        too, holding their deepest computed keys and values (as a token that exited early)."""
+        for block in self.core:
+            layer = block.attn.layer_index
+            step = iterations
+            while (layer, step) in cache:
+                k, v = cache.get((layer, iterations - 1))
+                cache.update((layer, step), k[:, :, past_length:past_length + new_length],
+                             v[:, :, past_length:past_length + new_length])
+                step += 1
+
+    def generate(self, input_ids: torch.Tensor, *args, num_steps: Optional[int] = None, **kwargs) -> torch.Tensor:
+        """model.generation.generate at a fixed depth `num_steps` (None: the config's adaptive or mean depth)."""
+        previous, self.generation_num_steps = self.generation_num_steps, num_steps
+        try:
+            return generation.generate(self, input_ids, *args, **kwargs)
+        finally:
+            self.generation_num_steps = previous
+
+    # ----- size -----
+    def num_parameters(self, exclude_embeddings: bool = False, active_only: bool = False) -> int:
+        """Parameter count (each core weight once). exclude_embeddings drops token/position embeddings;
+        active_only counts the k of n_experts experts each token uses."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embedding.tokens.weight.numel()
+            if self.embedding.positions is not None:
+                total -= self.embedding.positions.weight.numel()
+        if active_only and self.config.ffn_type == "moe":
+            blocks = [*self.prelude, *self.core, *self.coda]
+            per_expert = sum(p[0].numel() for b in blocks for p in (b.ffn.experts_in, b.ffn.experts_out))
+            total -= per_expert * (self.config.n_experts - self.config.n_experts_per_token)
+        return total
+
+    def flops_per_token(self, sequence_length: int, num_steps: Optional[int] = None, training: bool = True) -> float:
+        """Matmul FLOPs per token at depth num_steps (default recurrent_mean_thinking_steps), counted as the
+        causal LM does (2 per weight, 2 * T * (d_q + d_v) * n_heads per attention layer). Training adds a 2x
+        backward pass for the prelude, coda, head and the last recurrent_backprop_depth iterations only."""
+        c = self.config
+        r = num_steps if num_steps is not None else c.recurrent_mean_thinking_steps
+        core = sum(p.numel() for p in [*self.core.parameters(), *self.adapter.parameters(),
+                                        *self.core_norm.parameters()])
+        once = self.num_parameters(exclude_embeddings=True, active_only=True) - core
+        if c.tie_word_embeddings:
+            once += self.lm_head.weight.numel()
+        if c.ffn_type == "moe":  # only active experts of the core count per iteration
+            per_expert = sum(p[0].numel() for b in self.core for p in (b.ffn.experts_in, b.ffn.experts_out))
+            core -= per_expert * (c.n_experts - c.n_experts_per_token)
+        attention_layer = sequence_length * c.n_heads * (c.d_queries + c.d_values)
+        outer_layers = c.n_prelude_layers + c.n_coda_layers
+
+        def cost(iterations: int) -> float:
+            return 2 * (once + iterations * core) + 2 * attention_layer * (outer_layers + iterations * c.n_recurrent_layers)
+
+        forward = cost(r)
+        return forward + 2 * cost(min(r, c.recurrent_backprop_depth)) if training else forward
