@@ -66,6 +66,19 @@ def init_weights(model: nn.Module, config: MegaTransformerConfig) -> None:
             nn.init.normal_(module.experts_out, 0.0, residual_std)
 
 
+def count_parameters(model: nn.Module, blocks, exclude_embeddings: bool, active_only: bool) -> int:
+    """Parameters of a decoder with `model.embedding` and TransformerBlocks `blocks` (see num_parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    if exclude_embeddings:
+        total -= model.embedding.tokens.weight.numel()
+        if model.embedding.positions is not None:
+            total -= model.embedding.positions.weight.numel()
+    if active_only and model.config.ffn_type == "moe":
+        per_expert = sum(p[0].numel() for block in blocks for p in (block.ffn.experts_in, block.ffn.experts_out))
+        total -= per_expert * (model.config.n_experts - model.config.n_experts_per_token)
+    return total
+
+
 class MegaTransformerCausalLM(nn.Module):
     """Decoder-only transformer LM: embedding → n_layers blocks → final norm → LM head."""
 
@@ -117,15 +130,7 @@ class MegaTransformerCausalLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False, active_only: bool = False) -> int:
         """Parameter count. exclude_embeddings drops token/position embeddings (the LM head too when tied);
         active_only counts the k of n_experts experts each token actually uses."""
-        total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            total -= self.embedding.tokens.weight.numel()
-            if self.embedding.positions is not None:
-                total -= self.embedding.positions.weight.numel()
-        if active_only and self.config.ffn_type == "moe":
-            per_expert = sum(p[0].numel() for block in self.blocks for p in (block.ffn.experts_in, block.ffn.experts_out))
-            total -= per_expert * (self.config.n_experts - self.config.n_experts_per_token)
-        return total
+        return count_parameters(self, self.blocks, exclude_embeddings, active_only)
 
     def flops_per_token(self, sequence_length: int, training: bool = True) -> float:
         """Matmul FLOPs per token (PaLM appendix B): 2 per active non-embedding weight plus

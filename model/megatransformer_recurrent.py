@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatransformer_utils import CONFIG_DIR, MegaTransformerConfig
 from model import generation
-from model.megatransformer_causal import init_weights, shifted_cross_entropy
+from model.megatransformer_causal import count_parameters, init_weights, shifted_cross_entropy
 from model.recurrent_criteria import iterate_until_exit, make_criterion
 from model.transformer.attention import AttentionInputs, KVCache
 from model.transformer.block import TransformerBlock
@@ -232,16 +232,7 @@ class MegaTransformerRecurrentLM(nn.Module):
     def num_parameters(self, exclude_embeddings: bool = False, active_only: bool = False) -> int:
         """Parameter count (each core weight once). exclude_embeddings drops token/position embeddings;
         active_only counts the k of n_experts experts each token uses."""
-        total = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            total -= self.embedding.tokens.weight.numel()
-            if self.embedding.positions is not None:
-                total -= self.embedding.positions.weight.numel()
-        if active_only and self.config.ffn_type == "moe":
-            blocks = [*self.prelude, *self.core, *self.coda]
-            per_expert = sum(p[0].numel() for b in blocks for p in (b.ffn.experts_in, b.ffn.experts_out))
-            total -= per_expert * (self.config.n_experts - self.config.n_experts_per_token)
-        return total
+        return count_parameters(self, [*self.prelude, *self.core, *self.coda], exclude_embeddings, active_only)
 
     def flops_per_token(self, sequence_length: int, num_steps: Optional[int] = None, training: bool = True) -> float:
         """Matmul FLOPs per token at depth num_steps (default recurrent_mean_thinking_steps), counted as the
