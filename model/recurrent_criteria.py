@@ -17,6 +17,7 @@ Criteria (each compares successive steps; `threshold` is the per-criterion toler
 - cosine: 1 - cos(s_now, s_prev) < threshold
 """
 
+from abc import ABC, abstractmethod
 from typing import Callable, Optional
 
 import torch
@@ -25,7 +26,7 @@ ARGMAX_DEFAULT_STEPS = 5
 CRITERIA = ("kl_divergence", "entropy_diff", "latent_diff", "argmax_stability", "cosine")
 
 
-class ExitCriterion:
+class ExitCriterion(ABC):
     """Stateful: `update(state, logits)` → converged (B, T) bool, comparing with the previous call's values.
     The first call after `reset()` has nothing to compare with and reports no token as converged."""
 
@@ -45,12 +46,13 @@ class ExitCriterion:
             return torch.zeros(state.shape[:2], dtype=torch.bool, device=state.device)
         return self.converged(previous, current)
 
+    @abstractmethod
     def summarise(self, state: torch.Tensor, logits: Optional[torch.Tensor]):
         """What is kept from one step to compare with the next."""
-        raise NotImplementedError
 
+    @abstractmethod
     def converged(self, previous, current) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, T) bool: tokens whose summary changed less than the threshold."""
 
 
 class KLDivergence(ExitCriterion):
