@@ -10,10 +10,8 @@ The cache layout is described in `data/text_cache_format.py`. Documents are pack
 so a window may span documents; that is the usual GPT-style pretraining setup.
 """
 
-import itertools
 import json
 import operator
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -176,9 +174,6 @@ class PackedBatches:
         """This rank's micro-batch i: input_ids (batch_size, seq_len), int64."""
         windows = [np.asarray(self.tokens[k * self.seq_len:(k + 1) * self.seq_len]) for k in self.window_indices(i)]
         return torch.from_numpy(np.stack(windows).astype(np.int64))
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return (self.batch(i) for i in itertools.count())
 
 
 def evaluation_batches(tokens, seq_len: int, batch_size: int, max_batches: int | None) -> list[torch.Tensor]:

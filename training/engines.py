@@ -56,9 +56,6 @@ class PlainEngine:
             return float(grad_norm)
         return None
 
-    def discard_gradients(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def full_parameters(self):
         """A context in which the module holds all its weights (always, without ZeRO-3)."""
         return contextlib.nullcontext()
@@ -140,9 +137,6 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
         return norm if torch.isfinite(torch.tensor(norm)) else None
-
-    def discard_gradients(self) -> None:
-        self.engine.zero_grad()
 
     def full_parameters(self):
         """ZeRO-3 partitions the weights themselves: gather them on every rank (all ranks must enter)."""

@@ -149,7 +149,6 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
                     monitor.message(f"step {state['step'] + 1}: non-finite loss, micro-batch skipped "
                                     f"({state['skipped_nonfinite']} so far)")
                     if consecutive_nonfinite >= args.max_consecutive_nonfinite:
-                        engine.discard_gradients()
                         raise TrainingStopped(f"{consecutive_nonfinite} non-finite losses in a row at step "
                                               f"{state['step'] + 1}: lower --learning_rate, check the data, or "
                                               f"resume from an earlier checkpoint")
