@@ -4,9 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-$(shell cat requirements.txt requirements-deepspeed.txt | sha256sum | cut -c1-16)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean espeak
 
-setup: $(STAMP)
+setup: $(STAMP) espeak
+
+# builtin:speech (data/builtin_speech.py) synthesises speech offline with espeak-ng: install it where apt
+# is available and we are root; elsewhere the speech tests skip and the preprocessor says how to install it.
+espeak:
+	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -qq espeak-ng >/dev/null; } || echo "note: espeak-ng not installed (apt-get install espeak-ng)"
 
 $(STAMP): requirements.txt requirements-deepspeed.txt
 	rm -rf $(VENV)
@@ -16,7 +22,7 @@ $(STAMP): requirements.txt requirements-deepspeed.txt
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) espeak
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in data: cache the corpus once, then train `tiny` for a few minutes on two
