@@ -11,6 +11,10 @@ Every way in runs the same validation: an unknown key, a value of the wrong type
 combination raises `ValueError` naming the key and what would be valid. Fields left `null` that
 follow from others (`n_query_groups`, `d_queries`, `d_values`, `rotary_dim`) are resolved on
 construction, so a saved config always holds the values the model was built with.
+
+`YamlConfig` is the machinery under it, shared by every config family (vocoders, VAEs, DiTs): a
+subclass is a dataclass of typed fields with defaults, names the `configs/` subfolders its names
+resolve in, and adds its own value checks in `validate()`.
 """
 
 import dataclasses
@@ -19,7 +23,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import yaml
 
@@ -41,6 +45,92 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_YamlLoader)
 
 
+@dataclasses.dataclass
+class YamlConfig:
+    """A dataclass config read from and written to YAML, validated on construction.
+
+    Subclasses set FAMILIES (the `configs/` subfolders their names resolve in), CHOICES (field → allowed
+    values), DERIVED (field resolved from others when null → the fields it follows), and may override
+    resolve_derived() and validate(), both called by __post_init__ after the type check.
+    """
+
+    FAMILIES: ClassVar[tuple] = ()
+    CHOICES: ClassVar[dict] = {}
+    DERIVED: ClassVar[dict] = {}
+
+    name: Optional[str] = None
+
+    def __post_init__(self):
+        _check_types(self)
+        self.resolve_derived()
+        for key, choices in self.CHOICES.items():
+            _require(getattr(self, key) in choices,
+                     f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {getattr(self, key)!r}")
+        self.validate()
+
+    def resolve_derived(self) -> None:
+        """Fill the DERIVED fields left null."""
+
+    def validate(self) -> None:
+        """Raise ValueError for impossible values or combinations."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict):
+        if not isinstance(values, dict):
+            raise ValueError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
+        unknown = [key for key in values if key not in cls.field_names()]
+        if unknown:
+            raise ValueError("; ".join(_unknown_key_message(cls, key) for key in unknown))
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path):
+        values = _read_yaml_with_extends(Path(path), seen=(), families=cls.FAMILIES)
+        values.setdefault("name", Path(path).stem)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_name(cls, name: str):
+        """Load `configs/<family>/<name>.yaml` (one of FAMILIES); a path to a YAML file works too."""
+        return cls.from_yaml(resolve_config_path(name, cls.FAMILIES))
+
+    @classmethod
+    def available_names(cls) -> list[str]:
+        return sorted(_config_paths_by_name(cls.FAMILIES))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_overrides(self, assignments: list[str]):
+        """Apply `KEY=VALUE` strings (from `--set`), each value typed by its field.
+
+        Derived fields are re-resolved from the new values unless also set explicitly.
+        """
+        values = self.to_dict()
+        explicit = {}
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ValueError(f"override '{assignment}' must look like KEY=VALUE, e.g. n_layers=4")
+            if key not in values:
+                raise ValueError(_unknown_key_message(type(self), key))
+            explicit[key] = _parse_override(type(self), key, text.strip())
+        for derived, source in self.DERIVED.items():
+            if derived not in explicit and any(s in explicit for s in source):
+                values[derived] = None
+        values.update(explicit)
+        return type(self).from_dict(values)
+
+
 CHOICES = {
     "model_family": ("causal", "recurrent"),
     "ffn_type": ("mlp", "moe"),
@@ -53,11 +143,19 @@ CHOICES = {
 
 
 @dataclasses.dataclass
-class MegaTransformerConfig:
-    """Architecture of a transformer-family model. See configs/ for named instances."""
+class MegaTransformerConfig(YamlConfig):
+    """Architecture of a transformer-family model. See configs/causal and configs/recurrent."""
 
-    # identity
-    name: Optional[str] = None
+    FAMILIES: ClassVar[tuple] = ("causal", "recurrent")
+    CHOICES: ClassVar[dict] = CHOICES
+    # fields resolved in resolve_derived() and the fields they follow
+    DERIVED: ClassVar[dict] = {
+        "n_query_groups": ("n_heads",),
+        "d_queries": ("hidden_size", "n_heads"),
+        "d_values": ("hidden_size", "n_heads", "d_queries"),
+        "rotary_dim": ("hidden_size", "n_heads", "d_queries", "use_rotary_embedding"),
+    }
+
     model_family: str = "causal"
 
     # sizes
@@ -125,8 +223,7 @@ class MegaTransformerConfig:
     recurrent_exit_criteria: str = "kl_divergence"
     recurrent_exit_criteria_threshold: float = 5e-4
 
-    def __post_init__(self):
-        _check_types(self)
+    def resolve_derived(self) -> None:
         _require(self.n_heads >= 1, f"config key 'n_heads' must be a positive integer, got {self.n_heads}")
         if self.n_query_groups is None:
             self.n_query_groups = self.n_heads
@@ -141,6 +238,8 @@ class MegaTransformerConfig:
             self.d_values = self.d_queries
         if self.use_rotary_embedding and self.rotary_dim is None:
             self.rotary_dim = self.d_queries
+
+    def validate(self) -> None:
         _check_values(self)
 
     # ----- derived -----
@@ -149,72 +248,19 @@ class MegaTransformerConfig:
         """True for GLU activations, whose input projection is twice as wide (gate and value)."""
         return self.intermediate_activation in ("swiglu", "geglu", "reglu")
 
-    # ----- construction -----
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
-    @classmethod
-    def from_dict(cls, values: dict) -> "MegaTransformerConfig":
-        if not isinstance(values, dict):
-            raise ValueError(f"a config must be a mapping of keys to values, got {type(values).__name__}")
-        unknown = [key for key in values if key not in cls.field_names()]
-        if unknown:
-            raise ValueError("; ".join(_unknown_key_message(key) for key in unknown))
-        return cls(**values)
-
-    @classmethod
-    def from_yaml(cls, path) -> "MegaTransformerConfig":
-        values = _read_yaml_with_extends(Path(path), seen=())
-        values.setdefault("name", Path(path).stem)
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_name(cls, name: str) -> "MegaTransformerConfig":
-        """Load `configs/*/<name>.yaml`; a path to a YAML file works too."""
-        return cls.from_yaml(resolve_config_path(name))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-    def with_overrides(self, assignments: list[str]) -> "MegaTransformerConfig":
-        """Apply `KEY=VALUE` strings (from `--set`), each value typed by its field.
-
-        Derived fields are re-resolved from the new values unless also set explicitly.
-        """
-        values = self.to_dict()
-        explicit = {}
-        for assignment in assignments:
-            key, sep, text = assignment.partition("=")
-            key = key.strip()
-            if not sep or not key:
-                raise ValueError(f"override '{assignment}' must look like KEY=VALUE, e.g. n_layers=4")
-            if key not in values:
-                raise ValueError(_unknown_key_message(key))
-            explicit[key] = _parse_override(key, text.strip())
-        for derived, source in _DERIVED.items():
-            if derived not in explicit and any(s in explicit for s in source):
-                values[derived] = None
-        values.update(explicit)
-        return type(self).from_dict(values)
-
-
-def _unknown_key_message(key) -> str:
-    close = difflib.get_close_matches(str(key), MegaTransformerConfig.field_names(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; see MegaTransformerConfig for valid keys"
+def _unknown_key_message(config_class, key) -> str:
+    close = difflib.get_close_matches(str(key), config_class.field_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; see {config_class.__name__} for valid keys"
     return f"unknown config key '{key}'{hint}"
 
 
-def _parse_override(key: str, text: str):
+def _parse_override(config_class, key: str, text: str):
     """The value of `KEY=text`: YAML-parsed, except that a string field keeps the text as written
     (so `name=2024` or `name=yes` stay strings); empty or `null` is None."""
     if text in ("", "null", "~"):
         return None
-    field_type = typing.get_type_hints(MegaTransformerConfig)[key]
+    field_type = typing.get_type_hints(config_class)[key]
     if str in _allowed_types(field_type):
         return text
     try:
@@ -223,35 +269,25 @@ def _parse_override(key: str, text: str):
         raise ValueError(f"override {key}={text}: the value is not valid YAML ({error})") from None
 
 
-# Fields resolved in __post_init__ and the fields they are derived from.
-_DERIVED = {
-    "n_query_groups": ("n_heads",),
-    "d_queries": ("hidden_size", "n_heads"),
-    "d_values": ("hidden_size", "n_heads", "d_queries"),
-    "rotary_dim": ("hidden_size", "n_heads", "d_queries", "use_rotary_embedding"),
-}
-
-
-def _config_paths_by_name() -> dict[str, list[Path]]:
+def _config_paths_by_name(families: tuple = ()) -> dict[str, list[Path]]:
+    """Config names → their YAML files, in the given configs/ subfolders (all of them when empty)."""
     paths = {}
     for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        if families and path.parent.name not in families:
+            continue
         paths.setdefault(path.stem, []).append(path)
     return paths
 
 
-def available_config_names() -> dict[str, Path]:
-    """Every `configs/<family>/<name>.yaml` by name (the first family's file where two share a name)."""
-    return {name: paths[0] for name, paths in _config_paths_by_name().items()}
-
-
-def resolve_config_path(name) -> Path:
-    """A registry name (`gpt2_small`) or a path to a YAML file → the YAML file's path."""
+def resolve_config_path(name, families: tuple = ()) -> Path:
+    """A registry name (`gpt2_small`, looked up in the `families` subfolders of configs/) or a path to a
+    YAML file → the YAML file's path."""
     as_path = Path(name)
     if as_path.suffix in (".yaml", ".yml"):
         if not as_path.is_file():
             raise ValueError(f"config file {as_path} does not exist")
         return as_path
-    names = _config_paths_by_name()
+    names = _config_paths_by_name(families)
     if name not in names:
         close = difflib.get_close_matches(str(name), list(names), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
@@ -262,7 +298,7 @@ def resolve_config_path(name) -> Path:
     return names[name][0]
 
 
-def _read_yaml_with_extends(path: Path, seen: tuple) -> dict:
+def _read_yaml_with_extends(path: Path, seen: tuple, families: tuple) -> dict:
     """The mapping in `path` merged over the files it `extends` (by registry name or by a file name
     relative to `path`); `seen` holds the resolved paths of the files that extend this one."""
     if not path.is_file():
@@ -282,8 +318,8 @@ def _read_yaml_with_extends(path: Path, seen: tuple) -> dict:
         return values
     if not isinstance(parent, str):
         raise ValueError(f"'extends' in {path} must be a config name or a YAML file name, got {parent!r}")
-    parent_path = path.parent / parent if parent.endswith((".yaml", ".yml")) else resolve_config_path(parent)
-    merged = _read_yaml_with_extends(parent_path, seen + (path.resolve(),))
+    parent_path = path.parent / parent if parent.endswith((".yaml", ".yml")) else resolve_config_path(parent, families)
+    merged = _read_yaml_with_extends(parent_path, seen + (path.resolve(),), families)
     merged.pop("name", None)
     merged.update(values)
     return merged
@@ -295,7 +331,7 @@ def _allowed_types(annotation) -> tuple:
     return (annotation,)
 
 
-def _check_types(config: MegaTransformerConfig) -> None:
+def _check_types(config: YamlConfig) -> None:
     hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -317,8 +353,6 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _check_values(c: MegaTransformerConfig) -> None:
-    for key, choices in CHOICES.items():
-        _require(getattr(c, key) in choices, f"config key '{key}' must be one of {', '.join(choices)}, got {getattr(c, key)!r}")
     for key in ("vocab_size", "max_position_embeddings", "hidden_size", "n_layers", "intermediate_size", "n_heads",
                 "n_query_groups", "d_queries", "d_values", "n_experts", "n_experts_per_token"):
         _require(getattr(c, key) >= 1, f"config key '{key}' must be a positive integer, got {getattr(c, key)}")
