@@ -219,6 +219,7 @@ class MegaTransformerConfig(YamlConfig):
     recurrent_mean_thinking_steps: int = 32
     recurrent_thinking_steps_sigma: float = 0.5  # log-normal std of the Poisson rate
     recurrent_backprop_depth: int = 8
+    recurrent_depth_per_rank: bool = False  # each rank draws its own depth per step (default: all ranks alike)
     recurrent_max_thinking_steps: int = 64
     recurrent_exit_criteria: str = "kl_divergence"
     recurrent_exit_criteria_threshold: float = 5e-4

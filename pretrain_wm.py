@@ -6,9 +6,10 @@
         --use_gradient_checkpointing --deepspeed_config ds_config_zero-2.json
     python pretrain_wm.py --run_name quick --config tiny --max_steps 200       # plain PyTorch, one process
 
-The model family follows the config: a name containing `recurrent` selects the recurrent-depth LM,
-a multimodal config the world model, anything else the causal LM. The vocabulary size and special
-tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
+The model family follows the config: a name containing `recurrent` (or `model_family: recurrent`) selects
+the recurrent-depth LM, anything else the causal LM. A recurrent run logs train/thinking_steps and, at each
+evaluation, the validation loss at the depths of --eval_thinking_steps and under the exit criterion. The
+vocabulary size and special tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
 """
 
 import logging
@@ -22,13 +23,6 @@ from training.arguments import build_parser, check_arguments
 from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
 from training.loop import TrainingStopped, start_run, train
 
-FAMILIES_AVAILABLE = ("causal",)
-
-
-def model_family(config: MegaTransformerConfig) -> str:
-    if "recurrent" in (config.name or ""):
-        return "recurrent"
-    return config.model_family
 
 
 def parse_args(argv=None):
@@ -40,16 +34,16 @@ def parse_args(argv=None):
     parser.add_argument("--generation_steps", type=int, help="text samples every N steps (default: --eval_steps)")
     parser.add_argument("--sample_prompts", nargs="+", help="prompts for the text samples")
     parser.add_argument("--sample_max_new_tokens", type=int, default=48)
+    parser.add_argument("--eval_thinking_steps", type=int, nargs="+", default=[1, 4, 16, 32], metavar="R",
+                        help="recurrent models: also evaluate at these fixed depths")
     return parser.parse_args(argv)
 
 
 def resolve_config(args, cache) -> MegaTransformerConfig:
     """The named config with --set overrides, its vocabulary and special tokens taken from the cache."""
     config = MegaTransformerConfig.from_name(args.config).with_overrides(args.set)
-    family = model_family(config)
-    if family not in FAMILIES_AVAILABLE:
-        raise ValueError(f"config '{config.name}' is a {family} model, which pretrain_wm.py cannot train yet "
-                         f"(available: {', '.join(FAMILIES_AVAILABLE)})")
+    if "recurrent" in (config.name or ""):
+        config = config.with_overrides(["model_family=recurrent"])
     tokens = {"vocab_size": cache.vocab_size, "eos_token_id": cache.eos_token_id,
               "bos_token_id": cache.bos_token_id, "pad_token_id": cache.pad_token_id}
     config = config.with_overrides([f"{key}={'null' if value is None else value}" for key, value in tokens.items()])
@@ -68,6 +62,8 @@ def main(argv=None) -> int:
     args.sample_prompts = args.sample_prompts or list(DEFAULT_PROMPTS)
     try:
         check_arguments(args)
+        if min(args.eval_thinking_steps) < 1:
+            raise ValueError(f"--eval_thinking_steps must be at least 1, got {min(args.eval_thinking_steps)}")
         cache = TextTokenCache(args.data_dir)
         config = resolve_config(args, cache)
         context = start_run(args)
@@ -82,6 +78,11 @@ def main(argv=None) -> int:
               f"({summary['tokens']:,} tokens, {summary['skipped_nonfinite']} skipped non-finite)")
         if "eval/loss" in summary:
             print(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
+        depths = sorted((int(key.rsplit("_", 1)[1]), value) for key, value in summary.items()
+                        if key.startswith("eval/loss_steps_"))
+        if depths:
+            print("validation loss by thinking steps: " + ", ".join(f"{r}: {loss:.4f}" for r, loss in depths) +
+                  f"; exit criterion used {summary['eval/mean_thinking_steps']:.1f} steps on average")
         if "samples/text" in summary:
             print(f"\nsamples:\n{summary['samples/text']}")
         print(f"\ncheckpoint: {summary.get('checkpoint')}")

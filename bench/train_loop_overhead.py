@@ -22,7 +22,8 @@ from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model import build_model  # noqa: E402
 from training.arguments import build_parser  # noqa: E402
 from training.language_modeling import lm_loss  # noqa: E402
-from training.loop import TrainingTask, start_run, train  # noqa: E402
+from training.loop import start_run, train  # noqa: E402
+from training.task import TrainingTask  # noqa: E402
 from training.schedule import make_optimizer  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def our_loop(config, batches: PackedBatches, steps: int, lr: float, runs_dir: st
     context = start_run(args)
     model = fresh_model(config)
     task = TrainingTask(model=model, config=config, train_batch=lambda i: {"input_ids": batches.batch(i)},
-                        loss=lm_loss, batch_tokens=lambda b: b["input_ids"].numel())
+                        loss=lm_loss, batch_size=lambda b: b["input_ids"].numel())
     start = time.perf_counter()
     train(task, args, context)
     return time.perf_counter() - start

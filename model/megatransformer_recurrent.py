@@ -97,11 +97,13 @@ class MegaTransformerRecurrentLM(nn.Module):
         self.gradient_checkpointing = enabled
 
     # ----- depth -----
-    def sample_num_steps(self, step: int) -> int:
+    def sample_num_steps(self, step: int, rank: int = 0) -> int:
         """r ~ 1 + Poisson(λ), log λ ~ N(log(mean - 1) - σ²/2, σ): E[r] = recurrent_mean_thinking_steps.
-        Seeded by (depth_seed, step) alone, so every rank (every model instance) draws the same r for a step."""
+        Seeded by (depth_seed, step), so every rank (every model instance) draws the same r for a step; with
+        config.recurrent_depth_per_rank the rank joins the seed and each rank draws its own."""
         c = self.config
-        generator = torch.Generator().manual_seed(self.depth_seed * 1_000_003 + step)
+        rank_offset = rank * 7_919 * 1_000_003 if c.recurrent_depth_per_rank else 0
+        generator = torch.Generator().manual_seed(self.depth_seed * 1_000_003 + step + rank_offset)
         if c.recurrent_mean_thinking_steps <= 1:
             return 1
         sigma = c.recurrent_thinking_steps_sigma

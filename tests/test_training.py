@@ -24,7 +24,8 @@ from data.text_cache import TextTokenCache
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model, load_pretrained
 from training.arguments import build_parser, check_arguments
-from training.loop import TrainingStopped, TrainingTask, start_run, train
+from training.loop import TrainingStopped, start_run, train
+from training.task import TrainingTask
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB_SIZE = 512
@@ -344,12 +345,12 @@ def nan_task(nan_micro_batches: set[int]) -> TrainingTask:
         return {"input_ids": torch.randint(0, 64, (2, 16), generator=generator),
                 "poison": torch.tensor(i in nan_micro_batches)}
 
-    def loss(model, batch):
+    def loss(model, batch, step):
         value = model(batch["input_ids"], labels=batch["input_ids"]).loss
         return value * float("nan") if batch["poison"] else value
 
     return TrainingTask(model=model, config=config, train_batch=train_batch, loss=loss,
-                        batch_tokens=lambda batch: batch["input_ids"].numel())
+                        batch_size=lambda batch: batch["input_ids"].numel())
 
 
 def loop_args(tmp_path, run_name: str, *extra):
@@ -402,7 +403,7 @@ BAD_INPUTS = {
                                    ["no checkpoint-* directory"]),
     "resume_from_non_checkpoint": (["--resume_from_checkpoint", "{tmp}"], ["not a checkpoint directory"]),
     "zero_steps": (["--max_steps", "0"], ["--max_steps must be at least 1"]),
-    "recurrent_not_yet": (["--config", "{tmp}/my_recurrent.yaml"], ["'my_recurrent' is a recurrent model"]),
+    "zero_thinking_steps": (["--eval_thinking_steps", "4", "0"], ["--eval_thinking_steps must be at least 1, got 0"]),
     "seq_len_too_long": (["--seq_len", "4096"], ["--seq_len 4096 exceeds max_position_embeddings=256"]),
 }
 
@@ -416,7 +417,6 @@ def bad_input_results(text_cache, tmp_path_factory) -> dict:
     shard = truncated / "train-00000.bin"
     os.truncate(shard, shard.stat().st_size - 3)
     (tmp / "bad.yaml").write_text("extends: tiny\nn_layerz: 3\n")
-    (tmp / "my_recurrent.yaml").write_text("extends: tiny\n")
     runs = tmp / "runs"
     (runs / "existing" / "checkpoint-1").mkdir(parents=True)
     processes = {}

@@ -2,6 +2,7 @@
 
     config.yaml, model.safetensors    the model (readable by model.load_pretrained)
     optimizer.pt | deepspeed/         optimizer, scheduler (and scaler) state of the engine
+    discriminator/                    a GAN's adversary: model.safetensors and its own engine state
     trainer_state.json                step, micro-batches consumed, skipped steps, tokens seen
     rng_state_RANK.pt                 every RNG of each rank, so a resumed run draws the same numbers
 
@@ -14,16 +15,30 @@ import logging
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
-from model.pretrained import load_weights, write_model_files
+from safetensors.torch import save_file
+
+from model.pretrained import load_weights, unique_tensors, write_model_files
 from training.distributed import barrier, is_main_process, rank, world_size
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Engines:
+    """What a checkpoint holds: the model and its engine, and a GAN adversary's name and engine (or None)."""
+
+    model: torch.nn.Module
+    engine: object
+    adversary_name: Optional[str] = None
+    adversary_engine: object = None
 
 
 def rng_state() -> dict:
@@ -61,20 +76,27 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
     return path
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, engine, trainer_state: dict,
-                    keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, engines: Engines, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint-STEP atomically (every rank must call this) and keep only the newest `keep`."""
     final = run_dir / f"checkpoint-{step}"
     staging = run_dir / f".checkpoint-{step}.tmp"
+    adversary_dir = staging / str(engines.adversary_name)
     if is_main_process():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if engines.adversary_engine:
+            adversary_dir.mkdir()
     barrier()
-    engine.save_state(staging)
+    engines.engine.save_state(staging)
     torch.save(rng_state(), staging / f"rng_state_{rank()}.pt")
-    with engine.full_parameters():
+    with engines.engine.full_parameters():
         if is_main_process():
-            write_model_files(model, staging)
+            write_model_files(engines.model, staging)
+    if engines.adversary_engine:
+        engines.adversary_engine.save_state(adversary_dir)
+        with engines.adversary_engine.full_parameters():
+            if is_main_process():
+                save_file(unique_tensors(engines.adversary_engine.module), str(adversary_dir / "model.safetensors"))
     if is_main_process():
         (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": world_size()}, indent=2))
     barrier()
@@ -89,14 +111,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, engine, tr
     return final
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, engine, use_deepspeed: bool) -> dict:
-    """Restore model, engine state and this rank's RNGs from `path`; return the trainer state."""
+def load_checkpoint(path: Path, engines: Engines, use_deepspeed: bool) -> dict:
+    """Restore the model, the engines' state (and the adversary's) and this rank's RNGs; return the trainer state."""
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size", 1) != world_size():
         raise ValueError(f"{path} was written by {state.get('world_size')} ranks, this run has {world_size()}: "
                          "resume with the same number of ranks")
+    adversary_dir = path / str(engines.adversary_name)
+    if engines.adversary_engine and not adversary_dir.is_dir():
+        raise ValueError(f"{path} has no {engines.adversary_name}/ folder: it was written by a run without one")
     if not use_deepspeed:  # DeepSpeed restores the module weights from its own state
-        load_weights(model, path / "model.safetensors", device=next(model.parameters()).device)
-    engine.load_state(path)
+        load_weights(engines.model, path / "model.safetensors", device=next(engines.model.parameters()).device)
+        if engines.adversary_engine:
+            module = engines.adversary_engine.module
+            load_weights(module, adversary_dir / "model.safetensors", device=next(module.parameters()).device)
+    engines.engine.load_state(path)
+    if engines.adversary_engine:
+        engines.adversary_engine.load_state(adversary_dir)
     set_rng_state(torch.load(path / f"rng_state_{rank()}.pt", weights_only=False))
     return state

@@ -53,6 +53,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def union_over_ranks(names) -> list[str]:
+    """The sorted union of every rank's `names`."""
+    if not dist.is_initialized():
+        return sorted(names)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(names))
+    return sorted(set().union(*gathered))
+
+
 def broadcast_flag(flag: bool) -> bool:
     """True on every rank if it is True on any rank (e.g. a stop signal seen by one of them)."""
     if not dist.is_initialized():

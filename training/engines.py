@@ -25,14 +25,15 @@ logger = logging.getLogger(__name__)
 class PlainEngine:
     """Single-process training: autocast for bf16/fp16 (float32 weights), GradScaler for fp16."""
 
-    def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int):
+    def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int, learning_rate: float,
+                 schedule_steps: int):
         self.module = model.to(device)
         self.device = device
         self.accumulation = args.gradient_accumulation_steps
         self.max_grad_norm = args.max_grad_norm
         self.autocast_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-        self.optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps, args.max_steps, args.min_lr_ratio)
+        self.optimizer = make_optimizer(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+        self.scheduler = make_scheduler(self.optimizer, warmup_steps, schedule_steps, args.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
 
     def autocast(self):
@@ -110,12 +111,13 @@ class DeepSpeedEngine:
     """DeepSpeed's engine with our AdamW and schedule. Gradient accumulation, clipping, loss scaling and
     ZeRO partitioning are DeepSpeed's; under bf16 the module's weights are bfloat16 with float32 masters."""
 
-    def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int):
+    def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int,
+                 learning_rate: float, schedule_steps: int):
         import deepspeed
 
         config = resolve_deepspeed_config(args.deepspeed_config, args, world_size)
-        optimizer = make_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
-        scheduler = make_scheduler(optimizer, warmup_steps, args.max_steps, args.min_lr_ratio)
+        optimizer = make_optimizer(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
+        scheduler = make_scheduler(optimizer, warmup_steps, schedule_steps, args.min_lr_ratio)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=config)
         self.module = self.engine.module
@@ -161,9 +163,14 @@ class DeepSpeedEngine:
         barrier()
 
 
-def make_engine(model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int):
+def make_engine(model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int,
+                learning_rate: Optional[float] = None, schedule_steps: Optional[int] = None):
+    """An engine training `model` with AdamW at `learning_rate` (default --learning_rate) under a warmup-cosine
+    schedule over `schedule_steps` optimizer steps (default --max_steps)."""
+    learning_rate = learning_rate or args.learning_rate
+    schedule_steps = schedule_steps or args.max_steps
     if args.use_deepspeed:
-        return DeepSpeedEngine(model, args, device, warmup_steps, world_size)
+        return DeepSpeedEngine(model, args, device, warmup_steps, world_size, learning_rate, schedule_steps)
     if is_distributed():
         raise ValueError("several ranks were launched without --use_deepspeed: add --use_deepspeed")
-    return PlainEngine(model, args, device, warmup_steps)
+    return PlainEngine(model, args, device, warmup_steps, learning_rate, schedule_steps)

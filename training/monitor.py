@@ -1,4 +1,4 @@
-"""What a run shows: TensorBoard scalars and text under runs/RUN_NAME/, and a tqdm progress bar.
+"""What a run shows: TensorBoard scalars, text, audio and images under runs/RUN_NAME/, and a tqdm progress bar.
 Only rank 0 writes or prints; on other ranks every method does nothing."""
 
 import logging
@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from training.distributed import is_main_process
+from training.task import Audio, Image
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,20 @@ class RunMonitor:
     def text(self, tag: str, text: str, step: int) -> None:
         if self.writer:
             self.writer.add_text(tag, text, step)
+
+    def sample(self, tag: str, sample, step: int) -> None:
+        """A str, Audio or Image (training/task.py) under its TensorBoard tab."""
+        if not self.writer:
+            return
+        if isinstance(sample, str):
+            self.writer.add_text(tag, sample, step)
+        elif isinstance(sample, Audio):
+            waveform = sample.waveform.detach().float().cpu().clamp(-1, 1).reshape(1, -1)
+            self.writer.add_audio(tag, waveform, step, sample_rate=sample.sample_rate)
+        elif isinstance(sample, Image):
+            self.writer.add_image(tag, sample.pixels.detach().cpu(), step)
+        else:
+            raise TypeError(f"sample {tag!r} must be str, Audio or Image, got {type(sample).__name__}")
 
     def advance(self, steps: int, postfix: Optional[dict] = None) -> None:
         if self.progress:

@@ -1,0 +1,183 @@
+"""Cut speech into segments with their log-mel spectrograms: the sharded cache that pretrain_vocoder.py reads.
+
+    python preprocess_vocoder_dataset.py --output_dir cached_datasets/librispeech_train_vocoder_cached \\
+        --split train.360                                   # LibriSpeech from the Hugging Face hub (streamed)
+    python preprocess_vocoder_dataset.py --dataset_name builtin:speech --split train \\
+        --output_dir cached_datasets/speech_train           # offline: speech synthesised with espeak-ng
+    python preprocess_vocoder_dataset.py --dataset_name builtin:speech --split validation \\
+        --output_dir cached_datasets/speech_val
+    python preprocess_vocoder_dataset.py --input_dir my_wavs --split train --output_dir cached_datasets/my_train
+
+Sources and splits are described in data/audio_sources.py. Every item of the cache (data/sharded_cache.py) is
+
+    {"waveform": float32 (S,) at --sample_rate, "mel": float32 (n_mels, 1 + S // hop_length) = log_mel(waveform),
+     "speaker": str, "text": str (the transcript of the whole source file), "source_id": "KEY#K"}
+
+where piece K of a file starts at K * --segment_seconds (silent pieces are dropped, so K may skip numbers).
+meta.json records the audio feature parameters (model/audio/features.py), the source, the segmenting,
+the counts and every skipped file with its reason. Output order does not depend on --num_workers.
+"""
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioRecord, AudioSource, Segmenting,
+                                load_segments)
+from data.builtin_speech import BUILTIN_SPEECH_NAME
+from data.sharded_cache import ShardedCacheWriter, map_in_workers
+from model.audio.features import AudioFeatureConfig, log_mel
+
+MAX_LISTED_SKIPS = 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset_name", help=f"Hugging Face dataset (default {DEFAULT_HUB_DATASET}) or "
+                                               f"{BUILTIN_SPEECH_NAME} (no download; needs espeak-ng)")
+    source.add_argument("--input_dir", help="folder of .wav/.flac/.ogg files (recursive), with optional .txt "
+                                            "transcripts beside them or a metadata.csv (file_name,text[,speaker])")
+    source.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
+    parser.add_argument("--dataset_config", help=f"hub dataset config (default {DEFAULT_HUB_CONFIG} for "
+                                                 f"{DEFAULT_HUB_DATASET})")
+    parser.add_argument("--split", default="train", help="hub/saved split (e.g. train.360); built-in and folder "
+                                                         "sources: train or validation (val)")
+    parser.add_argument("--audio_column", default="audio")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--speaker_column", default="speaker_id")
+    parser.add_argument("--num_items", type=int, help=f"read at most N files/rows; {BUILTIN_SPEECH_NAME}: how many "
+                                                      "utterances to synthesise (default 1000 train, 100 validation)")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="built-in, folder and single saved-dataset sources: share of items (by a hash of "
+                             "their key) in validation; use the same value for both splits")
+    parser.add_argument("--seed", type=int, default=0, help=f"picks the {BUILTIN_SPEECH_NAME} corpus")
+    defaults = AudioFeatureConfig()
+    features = parser.add_argument_group("audio features (model/audio/features.py)")
+    for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
+        features.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    features.add_argument("--win_length", type=int, help="default n_fft")
+    features.add_argument("--f_min", type=float, default=defaults.f_min)
+    features.add_argument("--f_max", type=float, help="default sample_rate / 2")
+    segments = parser.add_argument_group("segments")
+    segments.add_argument("--segment_seconds", type=float, default=4.0, help="cut files into pieces this long")
+    segments.add_argument("--min_segment_seconds", type=float, default=1.0,
+                          help="keep a last piece (or a whole file) only if at least this long")
+    segments.add_argument("--silence_db", type=float, default=-50.0,
+                          help="drop pieces whose RMS level is below this many dBFS")
+    parser.add_argument("--output_dir", help="default cached_datasets/vocoder_SPLIT")
+    parser.add_argument("--items_per_shard", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes that decode, resample and compute mels (0 or 1: this process; "
+                             "default min(4, CPUs))")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
+        return int(exit_request.code or 0)
+    started = time.perf_counter()
+    output_dir = args.output_dir or f"cached_datasets/vocoder_{args.split}"
+    try:
+        dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
+        config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
+        source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split,
+                             input_dir=args.input_dir, from_disk=args.from_disk, audio_column=args.audio_column,
+                             text_column=args.text_column, speaker_column=args.speaker_column,
+                             num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed)
+        features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
+                                      hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
+                                      f_max=args.f_max)
+        segmenting = Segmenting(features.sample_rate, args.segment_seconds, args.min_segment_seconds,
+                                args.silence_db)
+        if segmenting.min_segment_samples <= features.n_fft // 2:
+            raise ValueError(f"--min_segment_seconds {args.min_segment_seconds} gives {segmenting.min_segment_samples} "
+                             f"samples, too few for n_fft {features.n_fft}; raise it")
+        if source.kind == "hub":
+            print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
+                  "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small tensors: threads cost more than they give; --num_workers scales
+        try:
+            meta = write_vocoder_cache(source, features, segmenting, output_dir, num_workers=args.num_workers,
+                                       items_per_shard=args.items_per_shard, overwrite=args.overwrite)
+        finally:
+            torch.set_num_threads(threads)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no cache was written", file=sys.stderr)
+        return 130
+    print_summary(meta, output_dir, time.perf_counter() - started)
+    return 0
+
+
+def vocoder_items(record: AudioRecord, segmenting: Segmenting, features: AudioFeatureConfig) -> tuple[list, dict]:
+    """The cache items of one record (see the module docstring) and its report: {"source_id", "skipped"
+    (reason or None), "silent_segments"}. Runs in a worker process."""
+    loaded = load_segments(record, segmenting)
+    items = [{"waveform": segment, "mel": log_mel(segment, features), "speaker": record.speaker,
+              "text": record.text, "source_id": f"{record.source_id}#{index}"}
+             for index, segment in loaded.segments.items()]
+    return items, {"source_id": record.source_id, "skipped": loaded.skipped, "silent_segments": loaded.silent_segments}
+
+
+def write_vocoder_cache(source: AudioSource, features: AudioFeatureConfig, segmenting: Segmenting, output_dir: str, *,
+                        items_per_shard: int = 256, num_workers: int = 0, overwrite: bool = False) -> dict:
+    """Read `source`, write its vocoder items to a sharded cache at `output_dir`, return the cache's meta.
+    ValueError when every record was skipped (nothing to train on)."""
+    work = functools.partial(vocoder_items, segmenting=segmenting, features=features)
+    skipped, speakers = [], set()
+    records = samples = silent = 0
+    with ShardedCacheWriter(output_dir, items_per_shard=items_per_shard, overwrite=overwrite) as writer:
+        results = map_in_workers(work, source.records(), num_workers)
+        for items, report in tqdm(results, total=source.expected_items, desc="preprocessing", unit=" files"):
+            records += 1
+            silent += report["silent_segments"]
+            if report["skipped"]:
+                skipped.append({"source_id": report["source_id"], "reason": report["skipped"]})
+            for item in items:
+                writer.add(item)
+                samples += item["waveform"].numel()
+                speakers.add(item["speaker"])
+        if writer.num_items == 0:
+            reasons = "; ".join(f"{skip['source_id']}: {skip['reason']}" for skip in skipped[:3])
+            raise ValueError(f"no audio left to cache: {records} file(s) read, all skipped ({reasons or 'none'})")
+        return writer.finish({
+            "made_by": "preprocess_vocoder_dataset.py", "kind": "vocoder", "features": features.to_dict(),
+            "source": source.describe(), "segmenting": dataclasses.asdict(segmenting),
+            "seconds": samples / features.sample_rate,
+            "records_read": records, "records_skipped": len(skipped), "silent_segments_dropped": silent,
+            "speakers": sorted(speakers), "skipped": skipped})
+
+
+def print_summary(meta: dict, output_dir: str, total_seconds: float) -> None:
+    source = meta["source"]
+    where = source.get("dataset_name") or source.get("input_dir") or source.get("from_disk")
+    print(f"\nVocoder cache written to {output_dir}")
+    print(f"  source    {where}, split {source['split']}")
+    print(f"  items     {meta['num_items']:,} segments in {len(meta['shards'])} shard(s), "
+          f"{meta['seconds']:,.1f} s of audio ({meta['seconds'] / 3600:.2f} h), {len(meta['speakers'])} speaker(s)")
+    print(f"  features  {meta['features']['n_mels']} mels at {meta['features']['sample_rate']} Hz, "
+          f"hop {meta['features']['hop_length']}")
+    print(f"  files     {meta['records_read']:,} read, {meta['records_skipped']:,} skipped, "
+          f"{meta['silent_segments_dropped']:,} silent segment(s) dropped")
+    for skip in meta["skipped"][:MAX_LISTED_SKIPS]:
+        print(f"    skipped {skip['source_id']}: {skip['reason']}")
+    if len(meta["skipped"]) > MAX_LISTED_SKIPS:
+        print(f"    ... and {len(meta['skipped']) - MAX_LISTED_SKIPS} more (listed in meta.json)")
+    print(f"  time      {total_seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The recurrent-depth LM through pretrain_wm.py: the depth of each step comes from the global step (logged as
+train/thinking_steps), evaluation reports the loss at fixed depths and under the exit criterion, and a briefly
+trained tiny model is better with more thinking steps than with one."""
+
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import preprocess_text_dataset
+import pretrain_wm
+from megatransformer_utils import MegaTransformerConfig
+from model.megatransformer_recurrent import MegaTransformerRecurrentLM
+
+STEPS = 300
+# trained at a mean depth of 8 (backprop through the last 4), one step is rare in training: P(r = 1) ≈ e^-7
+DEPTH = ["--set", "recurrent_mean_thinking_steps=8", "--set", "recurrent_backprop_depth=4"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("recurrent")
+    cache = tmp / "cache"
+    assert preprocess_text_dataset.main(["--dataset_name", "builtin:text", "--max_chars", "300000",
+                                         "--train_tokenizer", "--vocab_size", "512", "--output_dir", str(cache)]) == 0
+    assert pretrain_wm.main([
+        "--config", "recurrent_tiny", "--data_dir", str(cache), "--runs_dir", str(tmp), "--run_name", "rec",
+        "--seq_len", "64", "--batch_size", "8", "--max_steps", str(STEPS), "--learning_rate", "3e-3",
+        "--warmup_steps", "10", "--logging_steps", "1", "--eval_steps", str(STEPS), "--eval_batches", "6",
+        "--eval_thinking_steps", "1", "4", "8", "--sample_prompts", "The", "--sample_max_new_tokens", "4",
+        "--no_progress_bar", *DEPTH]) == 0
+    return tmp / "rec"
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+def test_each_step_trains_at_the_depth_drawn_for_its_global_step(trained_run):
+    logged = scalars(trained_run, "train/thinking_steps")
+    assert sorted(logged) == list(range(1, STEPS + 1))
+    config = MegaTransformerConfig.from_yaml(trained_run / "config.yaml")
+    assert config.model_family == "recurrent"
+    model = MegaTransformerRecurrentLM(config)
+    # the loop's step s (1-based in TensorBoard) is optimizer step s - 1
+    assert [logged[s] for s in range(1, STEPS + 1)] == [model.sample_num_steps(s - 1) for s in range(1, STEPS + 1)]
+    assert len(set(logged.values())) > 2  # the depth really varies
+
+
+def test_evaluation_reports_fixed_depths_and_the_exit_criterion(trained_run):
+    losses = {r: scalars(trained_run, f"eval/loss_steps_{r}")[STEPS] for r in (1, 4, 8)}
+    mean_steps = scalars(trained_run, "eval/mean_thinking_steps")[STEPS]
+    config = MegaTransformerConfig.from_yaml(trained_run / "config.yaml")
+    assert 1 <= mean_steps <= config.recurrent_max_thinking_steps
+    assert scalars(trained_run, "eval/loss")[STEPS] > 0
+    # the model does better when it thinks for 4 or 8 steps than for one
+    assert losses[4] < losses[1] - 0.02 and losses[8] < losses[1] - 0.02, losses
+
+
+def test_per_rank_depths_differ_only_when_configured():
+    shared = MegaTransformerRecurrentLM(MegaTransformerConfig.from_name("recurrent_tiny"))
+    assert [shared.sample_num_steps(s, rank=0) for s in range(50)] == [shared.sample_num_steps(s, rank=1)
+                                                                       for s in range(50)]
+    per_rank = MegaTransformerRecurrentLM(
+        MegaTransformerConfig.from_name("recurrent_tiny").with_overrides(["recurrent_depth_per_rank=true"]))
+    assert [per_rank.sample_num_steps(s, rank=0) for s in range(50)] != [per_rank.sample_num_steps(s, rank=1)
+                                                                         for s in range(50)]
