@@ -48,7 +48,16 @@ class FrequencyDomainVocoderBase(nn.Module, ABC):
         the phase being atan2(imag, real)."""
 
     def predict(self, mel: torch.Tensor) -> VocoderPrediction:
-        """mel: (B, n_mels, T) log-mel from features.log_mel → VocoderPrediction."""
+        """mel: (B, n_mels, T) log-mel from features.log_mel → VocoderPrediction (for training: with the phase)."""
+        log_magnitude, real, imag, spec = self._spectrum(mel)
+        return VocoderPrediction(istft(spec, self.features), spec, log_magnitude, torch.atan2(imag, real))
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *_, spec = self._spectrum(mel)
+        return istft(spec, self.features), spec
+
+    def _spectrum(self, mel: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """mel (B, n_mels, T) → log_magnitude, real, imag (B, F, T) float32 and the complex STFT (B, F, T)."""
         if mel.dim() != 3 or mel.shape[1] != self.config.n_mels or mel.shape[2] < 2:
             raise ValueError(f"vocoder expects a log-mel (B, n_mels={self.config.n_mels}, T >= 2), "
                              f"got shape {tuple(mel.shape)}")
@@ -56,12 +65,7 @@ class FrequencyDomainVocoderBase(nn.Module, ABC):
         log_magnitude, real, imag = self.head(hidden)
         # magnitude · (real + i imag) / |real + i imag|: the polar form without cos/sin (cheaper in backward)
         scale = torch.exp(log_magnitude) * torch.rsqrt(real.square() + imag.square() + 1e-12)
-        spec = torch.complex(real * scale, imag * scale)
-        return VocoderPrediction(istft(spec, self.features), spec, log_magnitude, torch.atan2(imag, real))
-
-    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        prediction = self.predict(mel)
-        return prediction.waveform, prediction.stft
+        return log_magnitude, real, imag, torch.complex(real * scale, imag * scale)
 
 
 class FrequencyDomainVocoder(FrequencyDomainVocoderBase):
