@@ -353,6 +353,40 @@ def nan_task(nan_micro_batches: set[int]) -> TrainingTask:
                         batch_size=lambda batch: batch["input_ids"].numel())
 
 
+class StepRecorder:
+    """Extra checkpoint state for the loop: the steps after_step saw, saved as JSON."""
+
+    def __init__(self):
+        self.steps = []
+
+    def after_step(self, model, step: int) -> None:
+        self.steps.append(step)
+
+    def save(self, directory: Path) -> None:
+        (directory / "steps.json").write_text(json.dumps(self.steps))
+
+    def load(self, directory: Path) -> None:
+        self.steps = json.loads((directory / "steps.json").read_text())
+
+
+def test_after_step_runs_each_step_and_extra_state_resumes(tmp_path):
+    first = StepRecorder()
+    task = nan_task(set())
+    task.after_step, task.extra_state = first.after_step, first
+    args = loop_args(tmp_path, "extras", "--save_steps", 2, "--max_steps", 3)
+    train(task, args, start_run(args))
+    assert first.steps == [1, 2, 3]
+    assert json.loads((tmp_path / "extras" / "checkpoint-2" / "steps.json").read_text()) == [1, 2]
+
+    resumed = StepRecorder()
+    task = nan_task(set())
+    task.after_step, task.extra_state = resumed.after_step, resumed
+    args = loop_args(tmp_path, "extras", "--save_steps", 2, "--max_steps", 4,
+                     "--resume_from_checkpoint", tmp_path / "extras" / "checkpoint-2")
+    train(task, args, start_run(args))
+    assert resumed.steps == [1, 2, 3, 4]  # [1, 2] restored from checkpoint-2, then steps 3 and 4
+
+
 def loop_args(tmp_path, run_name: str, *extra):
     args = build_parser("x").parse_args(["--run_name", run_name, "--runs_dir", str(tmp_path), "--device", "cpu",
                                          "--max_steps", "4", "--logging_steps", "1", "--save_steps", "100",

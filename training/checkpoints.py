@@ -33,12 +33,14 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 @dataclass
 class Engines:
-    """What a checkpoint holds: the model and its engine, and a GAN adversary's name and engine (or None)."""
+    """What a checkpoint holds: the model and its engine, a GAN adversary's name and engine (or None), and the
+    task's extra state (an object with save(directory) / load(directory), or None)."""
 
     model: torch.nn.Module
     engine: object
     adversary_name: Optional[str] = None
     adversary_engine: object = None
+    extra_state: object = None
 
 
 def rng_state() -> dict:
@@ -97,6 +99,8 @@ def save_checkpoint(run_dir: Path, step: int, engines: Engines, trainer_state: d
         with engines.adversary_engine.full_parameters():
             if is_main_process():
                 save_file(unique_tensors(engines.adversary_engine.module), str(adversary_dir / "model.safetensors"))
+    if is_main_process() and engines.extra_state is not None:
+        engines.extra_state.save(staging)
     if is_main_process():
         (staging / "trainer_state.json").write_text(json.dumps({**trainer_state, "world_size": world_size()}, indent=2))
     barrier()
@@ -128,5 +132,7 @@ def load_checkpoint(path: Path, engines: Engines, use_deepspeed: bool) -> dict:
     engines.engine.load_state(path)
     if engines.adversary_engine:
         engines.adversary_engine.load_state(adversary_dir)
+    if engines.extra_state is not None:
+        engines.extra_state.load(path)
     set_rng_state(torch.load(path / f"rng_state_{rank()}.pt", weights_only=False))
     return state

@@ -142,7 +142,7 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
         adversary_engine = make_engine(adversary.module, args, context.device, min(warmup, adversary_steps // 20),
                                        context.world_size, learning_rate=adversary.learning_rate,
                                        schedule_steps=adversary_steps)
-    engines = Engines(model, engine, adversary.name if adversary else None, adversary_engine)
+    engines = Engines(model, engine, adversary.name if adversary else None, adversary_engine, task.extra_state)
 
     state = {"step": 0, "micro_batches": 0, "skipped_nonfinite": 0, "tokens": 0}
     if resume_path:
@@ -203,6 +203,8 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
             adversary_norm = adversary_engine.step() if adversary_on else None
             state["step"] += 1
             step = state["step"]
+            if task.after_step:
+                task.after_step(model, step)
             monitor.advance(1)
 
             if step % args.logging_steps == 0 or step == args.max_steps:

@@ -76,7 +76,10 @@ class TrainingTask:
     images, audio seconds...), logged as train/<unit>_per_sec.
     evaluate(model) → {"eval/...": value}, called on every rank (results already reduced over ranks).
     samples(model) → {tag: str | Audio | Image} for TensorBoard every `generation_steps` (every rank calls it).
-    flops_per_token: training FLOPs per throughput unit, for MFU on GPUs. adversary: a GAN discriminator."""
+    flops_per_token: training FLOPs per throughput unit, for MFU on GPUs. adversary: a GAN discriminator.
+    after_step(model, step): called on every rank after each optimizer step (e.g. to update EMA weights).
+    extra_state: what else a checkpoint holds (e.g. the EMA weights): an object with save(directory), called on
+    rank 0 into each checkpoint, and load(directory), called on every rank when resuming."""
 
     model: nn.Module
     config: object
@@ -89,3 +92,5 @@ class TrainingTask:
     flops_per_token: Optional[float] = None
     generation_steps: Optional[int] = None
     adversary: Optional[Adversary] = None
+    after_step: Optional[Callable[[nn.Module, int], None]] = None
+    extra_state: Optional[object] = None
