@@ -14,6 +14,7 @@ from model.diffusion.objectives import (add_noise, check_objective, min_snr_weig
 from model.diffusion.samplers import ddim_step, ddpm_step
 from model.diffusion.schedules import NoiseSchedule, flow_sigmas, sampling_timesteps
 from model.image.diffusion import model_config_lookup
+from model.pretrained import load_weights
 
 TINY = model_config_lookup["tiny_dit"]
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
@@ -283,6 +284,28 @@ def test_ema_matches_diffusers_ema_model():
         reference.step(model.parameters())
     for ours, expected in zip(ema.shadow.values(), reference.shadow_params):
         torch.testing.assert_close(ours, expected)
+
+
+def test_ema_checkpoint_files(tmp_path):
+    """save/load round-trips the EMA state; ema.safetensors loads into the model like model.safetensors."""
+    model = perturbed_dit()
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+    ema.update(model)
+    ema.save(tmp_path)
+    restored = EMA(model, decay=0.5, warmup=False)
+    restored.load(tmp_path)
+    assert (restored.decay, restored.warmup, restored.num_updates) == (0.9, True, 1)
+    for name, tensor in ema.shadow.items():
+        assert torch.equal(restored.shadow[name], tensor)
+    fresh = DiT(TINY)
+    load_weights(fresh, tmp_path / "ema.safetensors")
+    for name, parameter in fresh.named_parameters():
+        assert torch.equal(parameter, ema.shadow[name])
+    with pytest.raises(FileNotFoundError, match="without EMA weights"):
+        restored.load(tmp_path / "elsewhere")
 
 
 def test_ema_update_math_swap_and_state():

@@ -10,7 +10,8 @@ projected text tokens (padded positions masked out, as in PixArt-alpha) and an a
 The conditioning vector c = timestep embedding + a projection of the masked mean of the text tokens drives
 every adaLN. The adaLN layers, the cross-attention output projections and the final layer start at zero,
 so every block starts as the identity and the untrained model outputs zeros, as in DiT.
-Attention runs in torch's scaled_dot_product_attention (flash attention on GPUs when no text is padded).
+Attention runs in torch's scaled_dot_product_attention: on GPUs self-attention always reaches the flash
+kernel, cross-attention does when no text in the batch is padded (else the memory-efficient kernel).
 """
 
 import math
@@ -52,8 +53,8 @@ def sincos_2d(height: int, width: int, dim: int, device: torch.device, dtype: to
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x: (B, N, D); shift, scale: (B, D) → x * (1 + scale) + shift."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """x: (B, N, D); shift, scale: (B, D) → x * (1 + scale) + shift (one fused elementwise op)."""
+    return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
 class SelfAttention(nn.Module):
@@ -109,9 +110,9 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
                 text_bias: torch.Tensor | None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
         x = x + self.cross_attn(self.norm_cross(x), text, text_bias)
-        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
 
 class FinalLayer(nn.Module):
@@ -186,7 +187,9 @@ class DiT(nn.Module):
         timesteps = timesteps.expand(B)
 
         grid = (H // self.patch[0], W // self.patch[1])
-        tokens = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)
+        # contiguous (B, N, D): elementwise ops keep their first input's layout, so a transposed view here
+        # would make every later residual add and linear layer work on (and copy) a strided tensor
+        tokens = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         tokens = tokens + sincos_2d(*grid, self.config.hidden_size, x.device, tokens.dtype)
         text = self.text_proj(text_emb.to(dtype))
         weights = text_mask.to(text.dtype)[..., None]

@@ -4,6 +4,7 @@
     ...after each optimizer step:  ema.update(model)
     with ema.swapped_into(model):  # the averaged weights, then the trained ones back
         latents = sample(model, ...)
+    ema.save(checkpoint_dir)       # ema.safetensors: loads into the model like model.safetensors
 
 The shadow weights are float32 whatever the model's dtype (DeepSpeed bf16 keeps bfloat16 weights), keyed by
 parameter name. With warmup, update n (0-based) uses decay min(decay, (1 + n) / (10 + n)) as diffusers'
@@ -11,9 +12,14 @@ EMAModel does, so early averages are not dominated by the random initialisation.
 """
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+FILE_NAME = "ema.safetensors"
 
 
 class EMA:
@@ -91,3 +97,22 @@ class EMA:
         self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
         self.shadow = {name: tensor.to(device=self.shadow[name].device, dtype=torch.float32).clone()
                        for name, tensor in state["shadow"].items()}
+
+    def save(self, directory) -> Path:
+        """Write the shadow weights to directory/ema.safetensors, keyed like the model's parameters (so
+        model.pretrained.load_weights loads them into a model), with decay, warmup and num_updates as metadata."""
+        path = Path(directory) / FILE_NAME
+        metadata = {"decay": repr(self.decay), "warmup": str(self.warmup), "num_updates": str(self.num_updates)}
+        save_file({name: tensor.contiguous() for name, tensor in self.shadow.items()}, str(path), metadata=metadata)
+        return path
+
+    def load(self, directory) -> None:
+        """Restore what save(directory) wrote."""
+        path = Path(directory) / FILE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the checkpoint was written without EMA weights; "
+                                    "resume it without EMA or from a checkpoint that has them")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        self.load_state_dict({"decay": float(metadata["decay"]), "warmup": metadata["warmup"] == "True",
+                              "num_updates": int(metadata["num_updates"]), "shadow": load_file(str(path))})
