@@ -9,15 +9,18 @@ Cached images are uint8 (3, H, W); the model sees them as floats in [-1, 1] in t
 (DeepSpeed's bf16 makes the weights bfloat16, and the loop does not cast batches); losses and metrics are float32.
 """
 
+import contextlib
 import logging
 
 import torch
+from torch import nn
 
 from data.cached_batches import CachedBatches, fixed_items
 from data.sharded_cache import ShardedCache
 from model.image.discriminators import build_discriminator
 from model.image.losses import build_image_vae_loss
 from model.image.vae import ImageVAE, ImageVAEConfig
+from model.vae import VAELoss
 from training.image_metrics import psnr, ssim
 from training.loop import evaluate_means
 from training.task import Adversary, Image, LossTerms, TrainingTask
@@ -74,6 +77,35 @@ def open_image_caches(train_dir, val_dir, config: ImageVAEConfig) -> tuple[Shard
     return train, val
 
 
+@contextlib.contextmanager
+def _captured_input(layer: nn.Module):
+    """{"input": the input of `layer`'s forward call} while inside."""
+    captured = {}
+    handle = layer.register_forward_hook(lambda module, inputs, output: captured.__setitem__("input", inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _generator_terms(vae_loss: VAELoss, model: ImageVAE, target: torch.Tensor, reconstruction: torch.Tensor,
+                     last_input: torch.Tensor, posterior, step: int, discriminator) -> tuple[dict, torch.Tensor]:
+    """VAELoss.generator_loss, arranged so that it also works under DeepSpeed; returns (its terms, the loss).
+
+    target, reconstruction: (B, 3, H, W); last_input: the input of the decoder's last convolution, whose output
+    is `reconstruction`. DeepSpeed's engine hooks the tensors its forward returns and treats any backward pass
+    through them as its own (the prologue, then a gradient all-reduce when that pass ends), so the adaptive
+    weight's torch.autograd.grad must not pass through `reconstruction`, and the frozen discriminator of the
+    generator pass must not be the discriminator's engine. The terms are therefore computed on `twin`, the last
+    convolution applied again to its input (the same values, and the same gradients for every weight), with the
+    discriminator's module; `reconstruction` joins the loss with weight 0, so that the engine's backward still
+    starts at its outputs. With the plain engine the arrangement changes nothing but one extra convolution."""
+    twin = model.decoder.conv_out(last_input)
+    critic = getattr(discriminator, "module", discriminator)  # DeepSpeed's engine holds the nn.Module
+    terms = vae_loss.generator_loss(target, twin, posterior, step, model.last_layer, critic)
+    return terms, terms["loss"] + 0.0 * reconstruction.float().mean()
+
+
 def _reconstruction_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
     """originals, reconstructions: (N, 3, H, W) in [-1, 1] -> (3, 2H, N*W) in [0, 1], originals on top."""
     rows = [torch.cat(list(images.float().clamp(-1, 1)), dim=-1) for images in (originals, reconstructions)]
@@ -106,12 +138,14 @@ def build_image_vae_task(model: ImageVAE, config: ImageVAEConfig, train_cache: S
         (["adversarial", "adaptive_weight"] if config.use_discriminator else [])
 
     def loss(forward, batch: dict, step: int, discriminator=None) -> LossTerms:
-        """forward: the model (or DeepSpeed's engine around it); batch["image"]: uint8 (B, 3, H, W)."""
+        """forward: the model (or DeepSpeed's engine around it); batch["image"]: uint8 (B, 3, H, W);
+        discriminator: None, the PatchGAN, or DeepSpeed's engine around it (see _generator_terms)."""
         target = to_signed_unit(batch["image"])
-        reconstruction, posterior = forward(target.to(_parameter_dtype(model)))
-        terms = vae_loss.generator_loss(target, reconstruction, posterior, step, model.last_layer, discriminator)
-        return LossTerms(terms["loss"], logs={name: terms[name] for name in logged},
-                         outputs={"reconstruction": reconstruction})
+        with _captured_input(model.decoder.conv_out) as captured:
+            reconstruction, posterior = forward(target.to(_parameter_dtype(model)))
+        terms, total = _generator_terms(vae_loss, model, target, reconstruction, captured["input"], posterior, step,
+                                        discriminator)
+        return LossTerms(total, logs={name: terms[name] for name in logged}, outputs={"reconstruction": reconstruction})
 
     def discriminator_loss(discriminator, batch: dict, outputs: dict) -> LossTerms:
         # the loop calls the adversary only from its start_step on, where the hinge loss counts in full
@@ -135,7 +169,12 @@ def build_image_vae_task(model: ImageVAE, config: ImageVAEConfig, train_cache: S
 
     adversary = None
     if config.use_discriminator:
-        adversary = Adversary(module=build_discriminator(config), loss=discriminator_loss,
+        discriminator = build_discriminator(config)
+        if args.use_deepspeed and (args.bf16 or args.fp16):
+            # DeepSpeed casts parameters to the half dtype but leaves buffers alone, and BatchNorm needs its
+            # running statistics in the dtype of its weights: hand it a discriminator already in that dtype
+            discriminator.to(torch.bfloat16 if args.bf16 else torch.float16)
+        adversary = Adversary(module=discriminator, loss=discriminator_loss,
                               start_step=config.disc_start_step, learning_rate=args.discriminator_lr,
                               name="discriminator")
     logger.info("image VAE: %d train images (%d batches per epoch per rank), %d validation images",
