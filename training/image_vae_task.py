@@ -95,14 +95,13 @@ def _generator_terms(vae_loss: VAELoss, model: ImageVAE, target: torch.Tensor, r
     target, reconstruction: (B, 3, H, W); last_input: the input of the decoder's last convolution, whose output
     is `reconstruction`. DeepSpeed's engine hooks the tensors its forward returns and treats any backward pass
     through them as its own (the prologue, then a gradient all-reduce when that pass ends), so the adaptive
-    weight's torch.autograd.grad must not pass through `reconstruction`, and the frozen discriminator of the
-    generator pass must not be the discriminator's engine. The terms are therefore computed on `twin`, the last
-    convolution applied again to its input (the same values, and the same gradients for every weight), with the
-    discriminator's module; `reconstruction` joins the loss with weight 0, so that the engine's backward still
-    starts at its outputs. With the plain engine the arrangement changes nothing but one extra convolution."""
+    weight's torch.autograd.grad must not pass through `reconstruction`. The terms are therefore computed on
+    `twin`, the last convolution applied again to its input (the same values, and the same gradients for every
+    weight); `reconstruction` joins the loss with weight 0, so that the engine's backward still starts at its
+    outputs. With the plain engine the arrangement changes nothing but one extra convolution. discriminator:
+    None or the frozen PatchGAN module (the loop's GAN protocol, training/task.py)."""
     twin = model.decoder.conv_out(last_input)
-    critic = getattr(discriminator, "module", discriminator)  # DeepSpeed's engine holds the nn.Module
-    terms = vae_loss.generator_loss(target, twin, posterior, step, model.last_layer, critic)
+    terms = vae_loss.generator_loss(target, twin, posterior, step, model.last_layer, discriminator)
     return terms, terms["loss"] + 0.0 * reconstruction.float().mean()
 
 
@@ -139,7 +138,7 @@ def build_image_vae_task(model: ImageVAE, config: ImageVAEConfig, train_cache: S
 
     def loss(forward, batch: dict, step: int, discriminator=None) -> LossTerms:
         """forward: the model (or DeepSpeed's engine around it); batch["image"]: uint8 (B, 3, H, W);
-        discriminator: None, the PatchGAN, or DeepSpeed's engine around it (see _generator_terms)."""
+        discriminator: None before the GAN starts, else the frozen PatchGAN module."""
         target = to_signed_unit(batch["image"])
         with _captured_input(model.decoder.conv_out) as captured:
             reconstruction, posterior = forward(target.to(_parameter_dtype(model)))

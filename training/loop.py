@@ -256,11 +256,13 @@ def _micro_batch_losses(task, forward, discriminator, engine, adversary_engine, 
     if task.adversary is None:
         with engine.autocast():
             return as_loss_terms(task.loss(forward, batch, step)), None
+    # The model's loss gets the discriminator's plain module, frozen: the model's backward must not reach the
+    # discriminator, and a DeepSpeed engine treats every backward through its forward's outputs as its own.
     adversary_module = adversary_engine.module
-    _set_requires_grad(adversary_module, False)  # the model's backward must not reach the discriminator
+    _set_requires_grad(adversary_module, False)
     try:
         with engine.autocast():
-            terms = as_loss_terms(task.loss(forward, batch, step, discriminator if adversary_on else None))
+            terms = as_loss_terms(task.loss(forward, batch, step, adversary_module if adversary_on else None))
     finally:
         _set_requires_grad(adversary_module, True)
     if not adversary_on:

@@ -8,8 +8,9 @@ The loop calls, for each micro-batch of optimizer step `step` (0-based):
     d_terms = adversary.loss(discriminator, batch, outputs)       # outputs = terms.outputs, detached
 
 A loss returns a scalar tensor or `LossTerms` (the scalar plus named values to log and outputs for the
-adversary). While the model's loss runs, the discriminator's parameters are frozen, so the model's
-backward pass never writes into the discriminator's gradients.
+adversary). The model's loss gets the discriminator's plain nn.Module with its parameters frozen, so the
+model's backward pass never writes into the discriminator's gradients; the adversary's loss gets the
+discriminator as its engine runs it (DeepSpeed's engine under --use_deepspeed).
 """
 
 from dataclasses import dataclass, field

@@ -1,0 +1,167 @@
+"""Measure a trained vocoder by analysis-synthesis over a vocoder cache: each clip's cached log-mel is vocoded
+and the result compared with the clip.
+
+    python evaluate_vocoder.py --run_dir runs/vocoder_run --data_dir cached_datasets/librispeech_val_vocoder_cached
+    python evaluate_vocoder.py --checkpoint runs/vocoder_run/checkpoint-5000 --data_dir CACHE --max_items 200
+
+Metrics per clip, printed as mean ± std and saved as JSON (--output_json, default RUN_DIR/eval_vocoder.json or
+CHECKPOINT/eval_vocoder.json), with every clip's values:
+  pesq     wideband PESQ (ITU-T P.862.2, `pesq` package), MOS-LQO from -0.5 to 4.64; it is defined at 16 kHz, so
+           other rates are resampled to 16 kHz first (the output says so)
+  stoi     short-time objective intelligibility (`pystoi`), 0 to 1
+  mel_l1   mean |log-mel difference| (the training loss term, same features)
+  mrstft   multi-resolution STFT distance: spectral convergence + log-magnitude L1 over the config's resolutions
+  rtf      real-time factor: synthesis time / clip duration (after one warm-up call)
+A clip a metric cannot take (PESQ finds no speech, STOI has fewer than 30 frames of speech, a clip too short
+for the STFTs) is skipped for that metric and counted, with the reason.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pesq
+import pystoi
+import torch
+import torchaudio
+
+from data.sharded_cache import ShardedCache
+from model.audio.criteria import MultiResolutionSTFTLoss
+from model.audio.vocoders.vocoders import load_vocoder
+from training.vocoder_task import MADE_BY, check_cache_features, min_metric_samples, reconstruction_metrics
+from vocode import add_checkpoint_arguments, checkpoint_path, choose_device, synthesize
+
+PESQ_RATE = 16000
+METRICS = (("pesq", "PESQ (wideband)"), ("stoi", "STOI"), ("mel_l1", "mel L1"), ("mrstft", "MR-STFT distance"),
+           ("rtf", "real-time factor"))
+
+
+class MetricSkipped(Exception):
+    """A metric that cannot be computed for a clip; the message says why."""
+
+
+def _check_not_silent(reference: torch.Tensor, metric: str) -> None:
+    if not bool(reference.abs().max() > 0):
+        raise MetricSkipped(f"{metric}: silent reference clip")
+
+
+def pesq_wideband(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
+    """Wideband PESQ of degraded against reference, both (S,) at sample_rate (resampled to 16 kHz when it
+    differs). MetricSkipped when PESQ rejects the clip (no utterance found, too short)."""
+    _check_not_silent(reference, "pesq")
+    if sample_rate != PESQ_RATE:
+        reference, degraded = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (reference, degraded))
+    try:
+        return float(pesq.pesq(PESQ_RATE, reference.numpy().astype(np.float32), degraded.numpy().astype(np.float32),
+                               "wb"))
+    except pesq.PesqError as error:
+        raise MetricSkipped(f"pesq: {type(error).__name__}") from error
+
+
+def stoi_score(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
+    """STOI of degraded against reference, both (S,) at sample_rate (pystoi resamples to 10 kHz itself).
+    MetricSkipped when fewer than 30 frames of speech remain after pystoi drops the silent ones."""
+    _check_not_silent(reference, "stoi")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = pystoi.stoi(reference.numpy().astype(np.float64), degraded.numpy().astype(np.float64), sample_rate)
+    if any("Not enough STFT frames" in str(warning.message) for warning in caught):
+        raise MetricSkipped("stoi: fewer than 30 frames of speech")
+    return float(value)
+
+
+def evaluate_clips(vocoder, cache: ShardedCache, max_items, device: torch.device) -> tuple[list, dict]:
+    """Vocode the first max_items (all when None) clips of the cache; returns (one dict per clip: source_id,
+    seconds and each metric's value or None, {skip reason: count})."""
+    config = vocoder.config
+    stft_loss = MultiResolutionSTFTLoss(config.stft_resolutions)
+    count = len(cache) if max_items is None else min(max_items, len(cache))
+    clips, skipped = [], {}
+    for index in range(count):
+        item = cache[index]
+        generated, seconds = synthesize(vocoder, item["mel"][None], device, warm_up=index == 0)
+        target = item["waveform"][:generated.shape[-1]].float()
+        duration = generated.shape[-1] / config.sample_rate
+        values, reasons = {"rtf": seconds / duration}, []
+        if generated.shape[-1] >= min_metric_samples(config):
+            metrics = reconstruction_metrics(generated[None], target[None], config, stft_loss)
+            values.update({name: float(value) for name, value in metrics.items()})
+        else:
+            reasons.append(f"mel_l1 and mrstft: fewer than {min_metric_samples(config)} samples")
+        for name, measure in (("pesq", pesq_wideband), ("stoi", stoi_score)):
+            try:
+                values[name] = measure(target, generated, config.sample_rate)
+            except MetricSkipped as reason:
+                reasons.append(str(reason))
+        for reason in reasons:
+            skipped[reason] = skipped.get(reason, 0) + 1
+        clips.append({"source_id": item.get("source_id"), "seconds": duration,
+                      **{name: values.get(name) for name, _ in METRICS}})
+    return clips, skipped
+
+
+def summarize(clips: list) -> dict:
+    """{metric: {"mean", "std" (population; both None without values), "count", "skipped"}} over the clips that
+    have the metric."""
+    summary = {}
+    for name, _ in METRICS:
+        values = np.array([clip[name] for clip in clips if clip[name] is not None], dtype=np.float64)
+        summary[name] = {"mean": float(values.mean()) if len(values) else None,
+                         "std": float(values.std()) if len(values) else None,
+                         "count": int(len(values)), "skipped": len(clips) - int(len(values))}
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--data_dir", required=True, help=f"a vocoder cache written by {MADE_BY}")
+    parser.add_argument("--max_items", type=int, help="evaluate the first N clips (default: all)")
+    parser.add_argument("--output_json", help="default: RUN_DIR/eval_vocoder.json (or CHECKPOINT/eval_vocoder.json)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.max_items is not None and args.max_items < 1:
+            raise ValueError(f"--max_items must be at least 1, got {args.max_items}")
+        device = choose_device(args.device)
+        checkpoint = checkpoint_path(args)
+        vocoder = load_vocoder(checkpoint, device)
+        cache = ShardedCache(args.data_dir, made_by=MADE_BY)
+        check_cache_features(cache, vocoder.config)
+        clips, skipped = evaluate_clips(vocoder, cache, args.max_items, device)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    rate = vocoder.config.sample_rate
+    summary = summarize(clips)
+    output = Path(args.output_json or Path(args.run_dir or checkpoint) / "eval_vocoder.json")
+    report = {"checkpoint": str(checkpoint), "data_dir": args.data_dir, "clips": len(clips),
+              "audio_seconds": sum(clip["seconds"] for clip in clips), "sample_rate": rate, "device": str(device),
+              "pesq_sample_rate": PESQ_RATE, "pesq_resampled_from": rate if rate != PESQ_RATE else None,
+              **summary, "skipped": skipped, "per_clip": clips}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+
+    print(f"{checkpoint} on {len(clips)} clips of {args.data_dir} ({report['audio_seconds']:.1f} s of audio, "
+          f"{device})")
+    if rate != PESQ_RATE:
+        print(f"note: PESQ is defined at {PESQ_RATE} Hz: the {rate} Hz audio was resampled to {PESQ_RATE} Hz for it")
+    print(f"\n{'metric':<20}{'mean ± std':>22}{'clips':>8}{'skipped':>9}")
+    for name, label in METRICS:
+        row = summary[name]
+        spread = f"{row['mean']:>12.4f} ± {row['std']:<7.4f}" if row["count"] else f"{'n/a':>12}{'':10}"
+        print(f"{label:<20}{spread}{row['count']:>8}{row['skipped']:>9}")
+    for reason, count in sorted(skipped.items()):
+        print(f"skipped {count} clip(s): {reason}")
+    print(f"\nsaved {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
