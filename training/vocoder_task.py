@@ -160,7 +160,8 @@ def build_vocoder_task(model: VocoderWithLoss, train_cache: ShardedCache, val_ca
 
     def loss(forward, batch: dict, step: int, discriminator=None) -> LossTerms:
         """forward: the VocoderWithLoss (or DeepSpeed's engine around it); batch: see SegmentBatches;
-        discriminator: None (before the adversary's start step), the discriminator or DeepSpeed's engine around it."""
+        discriminator: None before the adversary's start step, else the frozen discriminator module (the loop's
+        GAN protocol, training/task.py)."""
         waveform = batch["waveform"]
         output = forward(batch["mel"].to(_parameter_dtype(model)), waveform)
         reconstruction = output.losses["total"]
@@ -168,11 +169,8 @@ def build_vocoder_task(model: VocoderWithLoss, train_cache: ShardedCache, val_ca
                 **{name: value for name, value in output.losses.items() if name != "total"}}
         total = reconstruction
         if discriminator is not None:
-            # the frozen discriminator's module, not DeepSpeed's engine around it: the engine hooks the tensors its
-            # forward returns and would treat this backward pass as its own (a gradient all-reduce at its end)
-            critic = getattr(discriminator, "module", discriminator)
-            real = critic(waveform[:, :output.waveform.shape[-1]])
-            fake = critic(output.waveform)
+            real = discriminator(waveform[:, :output.waveform.shape[-1]])
+            fake = discriminator(output.waveform)
             gan = model.generator_adversarial_loss(fake.logits, real.features, fake.features)
             total = total + gan["total"]
             logs.update(adversarial=gan["adversarial"], feature_matching=gan["feature_matching"])
