@@ -1,0 +1,239 @@
+"""Encode captioned images into image-VAE latents and text embeddings for pretrain_image_diffusion.py (one split
+per run).
+
+    python preprocess_image_diffusion_dataset.py --output_dir cached_datasets/image_train_diffusion_latents \\
+        --vae_checkpoint runs/image_vae_run/checkpoint-XXX --vae_config small
+    python preprocess_image_diffusion_dataset.py --split validation \\
+        --output_dir cached_datasets/image_val_diffusion_latents --vae_checkpoint runs/image_vae_run/checkpoint-XXX
+    python preprocess_image_diffusion_dataset.py --dataset_name builtin:shapes --image_size 64 \\
+        --text_encoder builtin:words --vae_checkpoint runs/image_vae_run/checkpoint-XXX     # no image cache needed
+
+Images come from an image cache of preprocess_image_vae_dataset.py (--image_cache_dir; by default
+cached_datasets/image_train_cached for --split train and cached_datasets/image_val_cached for validation), or
+straight from a source with the flags of preprocess_image_vae_dataset.py (--dataset_name, --input_dir,
+--from_disk, --image_size, ...; see its help).
+
+The VAE is --vae_checkpoint, a checkpoint directory of pretrain_image_vae.py. Its config.yaml gives the
+architecture; --vae_config (a name in configs/image_vae/ or a YAML path) is needed only for a directory without
+one. Where both exist and disagree, the recorded config wins and the differences are printed and kept in meta.json
+(vae_config_mismatch). Captions are embedded by --text_encoder: a Hugging Face T5 name or local directory, or
+builtin:words (no download; see model/text_encoders.py).
+
+Each item holds latent_mean and latent_logvar (C, h, w) of the VAE posterior (so training samples new latents
+every epoch; --storage_dtype), text_emb (L, D) for the caption's real tokens, caption, source_id and the
+builtin:shapes attributes. meta.json adds latent_shape, image_size, latent_scale_factor (1 / the standard deviation
+of posterior samples over this split, computed exactly from the stored means and variances), latent_mean,
+latent_std, the VAE checkpoint and config, the text encoder's description and mean_text_tokens. Training always
+scales by the train cache's factor: a validation cache records its own for information only.
+"""
+
+import argparse
+import functools
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.builtin_shapes import BUILTIN_SHAPES_NAME, MIN_IMAGE_SIZE
+from data.image_sources import ImageSource, load_image_item
+from data.sharded_cache import ShardedCache, ShardedCacheWriter, check_output_dir, map_in_workers
+from model.text_encoders import BUILTIN_WORDS, DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, load_text_encoder
+from training.distributed import choose_device
+from training.image_diffusion_task import load_vae_checkpoint
+
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SHORT_SPLIT = {"train": "train", "validation": "val", "val": "val"}
+MAX_LISTED_SKIPS = 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="train", help="train or validation (val), or a dataset's split name")
+    images = parser.add_argument_group("images: an image cache, or a source as in preprocess_image_vae_dataset.py")
+    where = images.add_mutually_exclusive_group()
+    where.add_argument("--image_cache_dir", help="written by preprocess_image_vae_dataset.py (default: "
+                                                 "cached_datasets/image_<train|val>_cached)")
+    where.add_argument("--dataset_name", help=f"Hugging Face dataset name or local path, or {BUILTIN_SHAPES_NAME}")
+    where.add_argument("--input_dir", help="folder of images, captions in .txt files or metadata.csv/.jsonl")
+    where.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
+    images.add_argument("--dataset_config", help="Hugging Face dataset config name")
+    images.add_argument("--image_column", default="image")
+    images.add_argument("--caption_column", default="text", help="'none' for no captions")
+    images.add_argument("--image_size", type=int, default=256, help="side of the square images (sources only)")
+    images.add_argument("--val_fraction", type=float, default=0.05, help="a folder's validation fraction")
+    images.add_argument("--num_workers", type=int, default=0, help="processes decoding images (sources only)")
+    images.add_argument("--max_images", type=int, help="encode at most this many images")
+
+    models = parser.add_argument_group("encoders")
+    models.add_argument("--vae_checkpoint", help="checkpoint directory of pretrain_image_vae.py (required)")
+    models.add_argument("--vae_config", help="VAE config name or YAML, for a checkpoint without config.yaml")
+    models.add_argument("--text_encoder", default=DEFAULT_TEXT_ENCODER,
+                        help=f"T5 hub name or local directory, or {BUILTIN_WORDS} (offline)")
+    models.add_argument("--text_max_length", type=int, default=DEFAULT_MAX_LENGTH, help="tokens per caption at most")
+    models.add_argument("--batch_size", type=int, default=32, help="images encoded at once")
+    models.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", help="default cached_datasets/image_<train|val>_diffusion_latents")
+    output.add_argument("--storage_dtype", choices=sorted(STORAGE_DTYPES), default="float16",
+                        help="dtype of the stored latents and text embeddings")
+    output.add_argument("--items_per_shard", type=int, default=1024)
+    output.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output_dir")
+    return parser
+
+
+def _image_items(args, split: str):
+    """(iterator of (item | None, skip | None), number of images or None, image size, where they come from)."""
+    if args.image_cache_dir or not (args.dataset_name or args.input_dir or args.from_disk):
+        directory = args.image_cache_dir or f"cached_datasets/image_{SHORT_SPLIT.get(split, split)}_cached"
+        cache = ShardedCache(directory, made_by=f"preprocess_image_vae_dataset.py --split {split}")
+        if "image_size" not in cache.meta:
+            raise ValueError(f"{directory} is not an image cache (its meta.json has no image_size): write it with "
+                             "preprocess_image_vae_dataset.py")
+        count = min(len(cache), args.max_images or len(cache))
+        source = {"kind": "image_cache", "image_cache_dir": str(Path(directory).resolve()),
+                  "source": cache.meta.get("source")}
+        return ((item, None) for item in itertools.islice(cache, count)), count, cache.meta["image_size"], source
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    source = ImageSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
+                         split="validation" if split == "val" else split, input_dir=args.input_dir,
+                         from_disk=args.from_disk, image_column=args.image_column,
+                         caption_column=None if args.caption_column.lower() == "none" else args.caption_column,
+                         max_images=args.max_images, val_fraction=args.val_fraction)
+    load = functools.partial(load_image_item, image_size=args.image_size)
+    return map_in_workers(load, source.records(), args.num_workers), source.num_images, args.image_size, \
+        source.describe()
+
+
+class LatentStatistics:
+    """Mean and variance of posterior samples z ~ N(mean, exp(logvar)) over every latent element, exactly:
+    E[z] = avg(mean), E[z^2] = avg(mean^2 + exp(logvar)) (float64 sums)."""
+
+    def __init__(self):
+        self.count, self.total, self.total_square = 0, 0.0, 0.0
+
+    def add(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        mean, logvar = mean.double(), logvar.double()
+        self.count += mean.numel()
+        self.total += float(mean.sum())
+        self.total_square += float((mean.square() + logvar.exp()).sum())
+
+    def mean_and_std(self) -> tuple[float, float]:
+        mean = self.total / self.count
+        return mean, math.sqrt(max(self.total_square / self.count - mean ** 2, 0.0))
+
+
+@torch.no_grad()
+def encode_batch(items: list[dict], vae, text_encoder, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """Image-cache items ({"image": uint8 (3, H, W), "caption", ...}) -> latent-cache items (see the docstring)."""
+    images = torch.stack([item["image"] for item in items]).to(device).float() / 127.5 - 1.0
+    posterior = vae.encode(images)
+    text_emb, text_mask = text_encoder.encode([item["caption"] for item in items])
+    entries = []
+    for row, item in enumerate(items):
+        entry = {key: value for key, value in item.items() if key != "image"}
+        entry["latent_mean"] = posterior.mean[row].to(dtype).cpu()
+        entry["latent_logvar"] = posterior.logvar[row].to(dtype).cpu()
+        entry["text_emb"] = text_emb[row][text_mask[row]].to(dtype).cpu()
+        entries.append(entry)
+    return entries
+
+
+def write_latent_cache(args) -> dict:
+    """Encode every image of the chosen split into args.output_dir (set); returns meta.json's contents."""
+    if not args.vae_checkpoint:
+        raise ValueError("--vae_checkpoint is required: a checkpoint directory of pretrain_image_vae.py "
+                         "(runs/RUN_NAME/checkpoint-STEP)")
+    for name in ("batch_size", "items_per_shard", "text_max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max_images must be positive, got {args.max_images}")
+    split = "validation" if args.split == "val" else args.split
+    check_output_dir(args.output_dir, args.overwrite)
+    device = choose_device(args.device)
+    vae, mismatch = load_vae_checkpoint(args.vae_checkpoint, args.vae_config, device)
+    items, count, image_size, source = _image_items(args, split)
+    factor = vae.config.downsample_factor
+    if image_size % factor:
+        raise ValueError(f"{image_size}x{image_size} images do not fit the VAE's downsampling factor {factor}: "
+                         f"write the images with --image_size {max(factor, image_size // factor * factor)}")
+    text_encoder = load_text_encoder(args.text_encoder, device, args.text_max_length)
+    dtype = STORAGE_DTYPES[args.storage_dtype]
+    statistics, skipped, written, text_tokens = LatentStatistics(), [], 0, 0
+    writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
+    with writer, tqdm(total=count, desc="encoding", unit=" img") as progress:
+        items = iter(items)
+        while chunk := list(itertools.islice(items, args.batch_size)):
+            progress.update(len(chunk))
+            skipped += [skip for item, skip in chunk if item is None]
+            good = [item for item, _ in chunk if item is not None]
+            for entry in encode_batch(good, vae, text_encoder, device, dtype) if good else []:
+                writer.add(entry)
+                statistics.add(entry["latent_mean"], entry["latent_logvar"])
+                text_tokens += entry["text_emb"].shape[0]
+                written += 1
+        if not written:
+            raise ValueError(f"no image could be encoded ({len(skipped)} skipped)")
+        latent_mean, latent_std = statistics.mean_and_std()
+        channels, height, width = entry["latent_mean"].shape
+        return writer.finish({
+            "made_by": "preprocess_image_diffusion_dataset.py", "split": split, "source": source,
+            "image_size": image_size, "latent_shape": [channels, height, width],
+            "latent_scale_factor": 1.0 / latent_std, "latent_mean": latent_mean, "latent_std": latent_std,
+            "storage_dtype": args.storage_dtype, "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()),
+            "vae_config": vae.config.to_dict(), "vae_config_mismatch": mismatch,
+            "text_encoder": text_encoder.describe(), "mean_text_tokens": text_tokens / written,
+            "counts": {"images": written, "skipped": len(skipped)}, "skipped": skipped[:MAX_LISTED_SKIPS]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
+        return int(exit_request.code or 0)
+    started = time.perf_counter()
+    split = "validation" if args.split == "val" else args.split
+    args.output_dir = args.output_dir or f"cached_datasets/image_{SHORT_SPLIT.get(split, split)}_diffusion_latents"
+    try:
+        meta = write_latent_cache(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no cache was written", file=sys.stderr)
+        return 130
+    _print_summary(meta, args, time.perf_counter() - started)
+    return 0
+
+
+def _print_summary(meta: dict, args, seconds: float) -> None:
+    counts, text = meta["counts"], meta["text_encoder"]
+    split, source = meta["split"], meta["source"]
+    where = source.get("image_cache_dir") or source.get("dataset_name") or source.get("input_dir") or \
+        source.get("from_disk")
+    print(f"\nLatent cache written to {args.output_dir}")
+    print(f"  images    {counts['images']:,} of {meta['image_size']}x{meta['image_size']} from {where} (split {split}),"
+          f" {counts['skipped']:,} skipped")
+    for entry in meta["skipped"][:10]:
+        print(f"    {entry['source_id']}: {entry['reason']}")
+    print(f"  latents   {'x'.join(map(str, meta['latent_shape']))} ({meta['storage_dtype']}), std "
+          f"{meta['latent_std']:.4f}, scale factor {meta['latent_scale_factor']:.4f}")
+    print(f"  VAE       {meta['vae_checkpoint']} (config {meta['vae_config']['name']})")
+    if meta["vae_config_mismatch"]:
+        print(f"  VAE config mismatch: --vae_config {args.vae_config} differs from the checkpoint's config.yaml, "
+              "which was used:")
+        for line in meta["vae_config_mismatch"]:
+            print(f"    {line}")
+    print(f"  text      {text['name']} (dim {text['dim']}, at most {text['max_length']} tokens; "
+          f"{meta['mean_text_tokens']:.1f} per caption on average)")
+    print(f"  time      {seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
