@@ -25,7 +25,7 @@ from megatransformer_utils import CONFIG_DIR, MegaTransformerConfig
 from model import generation
 from model.megatransformer_causal import count_parameters, init_weights, shifted_cross_entropy
 from model.recurrent_criteria import iterate_until_exit, make_criterion
-from model.transformer.attention import AttentionInputs, KVCache
+from model.transformer.attention import KVCache
 from model.transformer.block import TransformerBlock
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.norms import make_norm

@@ -20,15 +20,6 @@ TINY = model_config_lookup["tiny_dit"]
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on shared cores, extra threads cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturbed_dit(config=TINY, seed: int = 0) -> DiT:
     """A DiT whose zero-initialised layers are given small random weights, so its output is not zero."""
     torch.manual_seed(seed)

@@ -15,15 +15,6 @@ from model.pretrained import load_weights, write_model_files
 TINY = model_config_lookup["tiny_dit"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: on shared cores, extra threads cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturbed_dit(config=TINY, seed: int = 0) -> DiT:
     """A DiT whose zero-initialised layers are given small random weights, so every path affects the output."""
     torch.manual_seed(seed)

@@ -54,16 +54,6 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their synchronisation makes every
-    small op wait: run this module on one thread, then restore the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- pieces -----
 
 def test_latents_are_sampled_from_the_posterior_and_scaled():

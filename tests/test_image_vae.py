@@ -20,15 +20,6 @@ from model.vae import (DiagonalGaussian, VAELoss, adaptive_generator_weight, hin
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on a shared 2-core machine run far faster on one thread than on contended two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(*overrides: str) -> ImageVAEConfig:
     return ImageVAEConfig.from_name("tiny").with_overrides(list(overrides))
 

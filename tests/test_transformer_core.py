@@ -84,7 +84,7 @@ def reference_attention(attention: Attention, x: torch.Tensor, causal_bias: torc
 
 @pytest.mark.parametrize("groups, d_queries, d_values", [(6, 8, 8), (3, 8, 8), (1, 8, 8), (2, 12, 5)])
 def test_attention_equals_reference(groups, d_queries, d_values):
-    config = BASE.with_overrides([f"n_heads=6", f"n_query_groups={groups}", f"d_queries={d_queries}",
+    config = BASE.with_overrides(["n_heads=6", f"n_query_groups={groups}", f"d_queries={d_queries}",
                                   f"d_values={d_values}", "use_rotary_embedding=false"])
     attention = Attention(config, 0)
     x = torch.randn(2, 7, config.hidden_size)

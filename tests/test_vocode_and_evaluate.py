@@ -25,14 +25,6 @@ from test_vocoder_training import FEATURES, HOP, TINY, tone, write_cache
 PESQ_MAXIMUM = 4.6439  # wideband MOS-LQO of a clip compared with itself (P.862.2's mapping tops out here)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tone_caches(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tones")
