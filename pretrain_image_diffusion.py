@@ -20,15 +20,13 @@ grid of samples for --sample_prompts (columns) at each of --sample_guidance_scal
 (--vae_checkpoint, default the one the cache was written with). Everything lands in runs/RUN_NAME/.
 """
 
-import logging
-import os
 import sys
 
 from model.image.diffusion import build_image_diffusion
 from training.arguments import build_parser, check_arguments
 from training.image_diffusion_task import (DEFAULT_SAMPLE_PROMPTS, build_image_diffusion_task, load_vae_checkpoint,
                                            open_latent_caches, resolve_diffusion_config)
-from training.loop import TrainingStopped, start_run, train
+from training.cli import run_training
 
 
 def parse_args(argv=None):
@@ -68,45 +66,40 @@ def check_diffusion_arguments(args) -> None:
         raise ValueError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)  # the loop's messages (evaluations, stops) without a bar
-    args = parse_args(argv)
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        check_diffusion_arguments(args)
-        train_cache, val_cache = open_latent_caches(args.train_data_dir, args.val_data_dir)
-        overrides = args.set + ([f"ema_decay={args.ema_decay}"] if args.ema_decay is not None else [])
-        config = resolve_diffusion_config(args.config, overrides, train_cache)
-        if args.sample_steps is not None and args.sample_steps > config.num_train_timesteps:
-            raise ValueError(f"--sample_steps must be at most num_train_timesteps={config.num_train_timesteps}")
-        args.vae_checkpoint = args.vae_checkpoint or train_cache.meta["vae_checkpoint"]
-        vae, _ = load_vae_checkpoint(args.vae_checkpoint)
-        if vae.config.latent_channels != config.latent_channels:
-            raise ValueError(f"VAE {args.vae_checkpoint} has {vae.config.latent_channels} latent channels but the "
-                             f"cache holds {config.latent_channels}: pass the --vae_checkpoint the cache was "
-                             f"written with ({train_cache.meta['vae_checkpoint']})")
-        context = start_run(args)
-        model = build_image_diffusion(config)
-        task = build_image_diffusion_task(model, config, train_cache, val_cache, vae.to(context.device), args,
-                                          context)
-        summary = train(task, args, context)
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        if is_rank0:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if is_rank0:
-        print(f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images, "
-              f"{summary['skipped_nonfinite']} skipped non-finite; DiT '{config.name}', latents "
-              f"{config.latent_channels}x{config.latent_height}x{config.latent_width})")
-        if "eval/loss" in summary:
-            print(f"validation loss {summary['eval/loss']:.4f} (EMA weights {summary['eval/ema_loss']:.4f}), "
-                  f"mse {summary['eval/mse']:.4f}")
-        print(f"\ncheckpoint: {summary.get('checkpoint')}")
-        print(f"images: python generate_image.py --run_dir {summary['run_dir']} --prompt \"a red circle\"")
-        print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
-    return 0
+def prepare(args):
+    """The image diffusion task builder and the closing report (training/cli.py)."""
+    check_diffusion_arguments(args)
+    train_cache, val_cache = open_latent_caches(args.train_data_dir, args.val_data_dir)
+    overrides = args.set + ([f"ema_decay={args.ema_decay}"] if args.ema_decay is not None else [])
+    config = resolve_diffusion_config(args.config, overrides, train_cache)
+    if args.sample_steps is not None and args.sample_steps > config.num_train_timesteps:
+        raise ValueError(f"--sample_steps must be at most num_train_timesteps={config.num_train_timesteps}")
+    args.vae_checkpoint = args.vae_checkpoint or train_cache.meta["vae_checkpoint"]
+    vae, _ = load_vae_checkpoint(args.vae_checkpoint)
+    if vae.config.latent_channels != config.latent_channels:
+        raise ValueError(f"VAE {args.vae_checkpoint} has {vae.config.latent_channels} latent channels but the "
+                         f"cache holds {config.latent_channels}: pass the --vae_checkpoint the cache was "
+                         f"written with ({train_cache.meta['vae_checkpoint']})")
 
+    def build_task(context):
+        return build_image_diffusion_task(build_image_diffusion(config), config, train_cache, val_cache,
+                                          vae.to(context.device), args, context)
+
+    def report(summary: dict) -> str:
+        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images, "
+                 f"{summary['skipped_nonfinite']} skipped non-finite; DiT '{config.name}', latents "
+                 f"{config.latent_channels}x{config.latent_height}x{config.latent_width})"]
+        if "eval/loss" in summary:
+            lines.append(f"validation loss {summary['eval/loss']:.4f} (EMA weights {summary['eval/ema_loss']:.4f}), "
+                         f"mse {summary['eval/mse']:.4f}")
+        lines.append(f"images: python generate_image.py --run_dir {summary['run_dir']} --prompt \"a red circle\"")
+        return "\n".join(lines)
+
+    return build_task, report
+
+
+def main(argv=None) -> int:
+    return run_training(argv, parse_args, prepare)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,15 +18,13 @@ evaluation eval/reconstruction (L1), eval/psnr, eval/ssim and a grid of validati
 reconstructions. Everything lands in runs/RUN_NAME/.
 """
 
-import logging
-import os
 import sys
 
 from model.image.vae import ImageVAEConfig, build_image_vae
 from training.arguments import build_parser, check_arguments
 from training.distributed import world_size
 from training.image_vae_task import build_image_vae_task, open_image_caches
-from training.loop import TrainingStopped, start_run, train
+from training.cli import run_training
 
 LDM_BASE_LEARNING_RATE = 4.5e-6  # per image of the global batch (LDM's scale_lr)
 
@@ -76,35 +74,31 @@ def resolve_config(args) -> ImageVAEConfig:
     return config
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)  # the loop's messages (evaluations, stops) without a bar
-    args = parse_args(argv)
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        check_image_vae_arguments(args)
-        config = resolve_config(args)
-        train_cache, val_cache = open_image_caches(args.train_data_dir, args.val_data_dir, config)
-        context = start_run(args)
-        model = build_image_vae(config)
-        summary = train(build_image_vae_task(model, config, train_cache, val_cache, args, context), args, context)
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        if is_rank0:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if is_rank0:
+def prepare(args):
+    """The image VAE task builder and the closing report (training/cli.py)."""
+    check_image_vae_arguments(args)
+    config = resolve_config(args)
+    train_cache, val_cache = open_image_caches(args.train_data_dir, args.val_data_dir, config)
+
+    def build_task(context):
+        return build_image_vae_task(build_image_vae(config), config, train_cache, val_cache, args, context)
+
+    def report(summary: dict) -> str:
         size = train_cache.meta["image_size"]
         gan = f", discriminator from step {config.disc_start_step}" if config.use_discriminator else ""
-        print(f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images of "
-              f"{size}x{size}, {summary['skipped_nonfinite']} skipped non-finite; learning rate "
-              f"{args.learning_rate:.3g}{gan})")
+        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images of "
+                 f"{size}x{size}, {summary['skipped_nonfinite']} skipped non-finite; learning rate "
+                 f"{args.learning_rate:.3g}{gan})"]
         if "eval/psnr" in summary:
-            print(f"validation: L1 {summary['eval/reconstruction']:.4f}, PSNR {summary['eval/psnr']:.2f} dB, "
-                  f"SSIM {summary['eval/ssim']:.4f}")
-        print(f"\ncheckpoint: {summary.get('checkpoint')}")
-        print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
-    return 0
+            lines.append(f"validation: L1 {summary['eval/reconstruction']:.4f}, PSNR {summary['eval/psnr']:.2f} dB, "
+                         f"SSIM {summary['eval/ssim']:.4f}")
+        return "\n".join(lines)
 
+    return build_task, report
+
+
+def main(argv=None) -> int:
+    return run_training(argv, parse_args, prepare)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,12 @@ train/audio_seconds_per_sec, eval/mel_l1 and eval/mrstft on whole validation cli
 Then: vocode.py --run_dir runs/RUN_NAME --input in.wav --output out.wav, evaluate_vocoder.py --run_dir ...
 """
 
-import logging
-import os
 import sys
 
 from model.audio.vocoders.config import VocoderConfig
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from training.arguments import build_parser, check_arguments
-from training.loop import TrainingStopped, start_run, train
+from training.cli import run_training
 from training.vocoder_task import build_vocoder_task, open_vocoder_caches
 
 LOSS_WEIGHTS = ("mel_loss_weight", "stft_loss_weight", "phase_loss_weight", "adversarial_loss_weight",
@@ -83,37 +81,34 @@ def resolve_config(args) -> VocoderConfig:
     return VocoderConfig.from_name(args.vocoder_type).with_overrides(args.set + weights)
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)  # the loop's messages (evaluations, stops) without a bar
-    args = parse_args(argv)
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        check_vocoder_arguments(args)
-        config = resolve_config(args)
-        train_cache, val_cache = open_vocoder_caches(args.train_data_dir, args.val_data_dir, config)
-        context = start_run(args)
-        model = VocoderWithLoss(build_vocoder(config))
-        summary = train(build_vocoder_task(model, train_cache, val_cache, args, context), args, context)
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        if is_rank0:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if is_rank0:
-        seconds = summary["tokens"]
-        print(f"\nfinished {summary['run_dir']} at step {summary['step']} ({seconds:,.0f} s = {seconds / 3600:.2f} h "
-              f"of audio seen, "
-              f"{summary['skipped_nonfinite']} skipped non-finite"
-              + (f"; discriminators from step {args.gan_start_step}" if args.use_gan else "") + ")")
-        if "eval/mel_l1" in summary:
-            print(f"validation: mel L1 {summary['eval/mel_l1']:.4f}, "
-                  f"multi-resolution STFT {summary['eval/mrstft']:.4f}")
-        print(f"\ncheckpoint: {summary.get('checkpoint')}")
-        print(f"listen:     python vocode.py --run_dir {summary['run_dir']} --input speech.wav --output vocoded.wav")
-        print(f"evaluate:   python evaluate_vocoder.py --run_dir {summary['run_dir']} --data_dir {args.val_data_dir}")
-        print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
-    return 0
+def prepare(args):
+    """The vocoder task builder and the closing report (training/cli.py)."""
+    check_vocoder_arguments(args)
+    config = resolve_config(args)
+    train_cache, val_cache = open_vocoder_caches(args.train_data_dir, args.val_data_dir, config)
 
+    def build_task(context):
+        return build_vocoder_task(VocoderWithLoss(build_vocoder(config)), train_cache, val_cache, args, context)
+
+    def report(summary: dict) -> str:
+        seconds = summary["tokens"]
+        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({seconds:,.0f} s = "
+                 f"{seconds / 3600:.2f} h of audio seen, {summary['skipped_nonfinite']} skipped non-finite"
+                 + (f"; discriminators from step {args.gan_start_step}" if args.use_gan else "") + ")"]
+        if "eval/mel_l1" in summary:
+            lines.append(f"validation: mel L1 {summary['eval/mel_l1']:.4f}, "
+                         f"multi-resolution STFT {summary['eval/mrstft']:.4f}")
+        lines.append(f"listen:     python vocode.py --run_dir {summary['run_dir']} --input speech.wav "
+                     "--output vocoded.wav")
+        lines.append(f"evaluate:   python evaluate_vocoder.py --run_dir {summary['run_dir']} "
+                     f"--data_dir {args.val_data_dir}")
+        return "\n".join(lines)
+
+    return build_task, report
+
+
+def main(argv=None) -> int:
+    return run_training(argv, parse_args, prepare)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,8 +12,6 @@ evaluation, the validation loss at the depths of --eval_thinking_steps and under
 vocabulary size and special tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
 """
 
-import logging
-import os
 import sys
 
 from data.text_cache import TextTokenCache
@@ -21,8 +19,7 @@ from megatransformer_utils import MegaTransformerConfig
 from model import build_model
 from training.arguments import build_parser, check_arguments
 from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
-from training.loop import TrainingStopped, start_run, train
-
+from training.cli import run_training
 
 
 def parse_args(argv=None):
@@ -54,41 +51,34 @@ def resolve_config(args, cache) -> MegaTransformerConfig:
     return config
 
 
-def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("training").setLevel(logging.INFO)  # the loop's messages (evaluations, stops) without a bar
-    args = parse_args(argv)
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+def prepare(args):
+    """The LM task builder and the closing report (training/cli.py)."""
     args.sample_prompts = args.sample_prompts or list(DEFAULT_PROMPTS)
-    try:
-        check_arguments(args)
-        if min(args.eval_thinking_steps) < 1:
-            raise ValueError(f"--eval_thinking_steps must be at least 1, got {min(args.eval_thinking_steps)}")
-        cache = TextTokenCache(args.data_dir)
-        config = resolve_config(args, cache)
-        context = start_run(args)
-        model = build_model(config)
-        summary = train(build_lm_task(model, config, cache, args, context), args, context)
-    except (ValueError, FileNotFoundError, TrainingStopped) as error:
-        if is_rank0:
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    if is_rank0:
-        print(f"\nfinished {summary['run_dir']} at step {summary['step']} "
-              f"({summary['tokens']:,} tokens, {summary['skipped_nonfinite']} skipped non-finite)")
+    check_arguments(args)
+    if min(args.eval_thinking_steps) < 1:
+        raise ValueError(f"--eval_thinking_steps must be at least 1, got {min(args.eval_thinking_steps)}")
+    cache = TextTokenCache(args.data_dir)
+    config = resolve_config(args, cache)
+
+    def report(summary: dict) -> str:
+        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} "
+                 f"({summary['tokens']:,} tokens, {summary['skipped_nonfinite']} skipped non-finite)"]
         if "eval/loss" in summary:
-            print(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
+            lines.append(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
         depths = sorted((int(key.rsplit("_", 1)[1]), value) for key, value in summary.items()
                         if key.startswith("eval/loss_steps_"))
         if depths:
-            print("validation loss by thinking steps: " + ", ".join(f"{r}: {loss:.4f}" for r, loss in depths) +
-                  f"; exit criterion used {summary['eval/mean_thinking_steps']:.1f} steps on average")
+            lines.append("validation loss by thinking steps: " + ", ".join(f"{r}: {loss:.4f}" for r, loss in depths) +
+                         f"; exit criterion used {summary['eval/mean_thinking_steps']:.1f} steps on average")
         if "samples/text" in summary:
-            print(f"\nsamples:\n{summary['samples/text']}")
-        print(f"\ncheckpoint: {summary.get('checkpoint')}")
-        print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
-    return 0
+            lines.append(f"\nsamples:\n{summary['samples/text']}")
+        return "\n".join(lines)
 
+    return (lambda context: build_lm_task(build_model(config), config, cache, args, context)), report
+
+
+def main(argv=None) -> int:
+    return run_training(argv, parse_args, prepare)
 
 if __name__ == "__main__":
     sys.exit(main())
