@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.builtin_shapes import BUILTIN_SHAPES_NAME, MIN_IMAGE_SIZE
-from data.image_sources import ImageSource, load_image_item
+from data.builtin_shapes import MIN_IMAGE_SIZE
+from data.image_sources import add_image_source_arguments, image_source_from_args, load_image_item
 from data.sharded_cache import ShardedCache, ShardedCacheWriter, check_output_dir, map_in_workers
 from model.text_encoders import BUILTIN_WORDS, DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, load_text_encoder
 from training.distributed import choose_device
@@ -57,16 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = images.add_mutually_exclusive_group()
     where.add_argument("--image_cache_dir", help="written by preprocess_image_vae_dataset.py (default: "
                                                  "cached_datasets/image_<train|val>_cached)")
-    where.add_argument("--dataset_name", help=f"Hugging Face dataset name or local path, or {BUILTIN_SHAPES_NAME}")
-    where.add_argument("--input_dir", help="folder of images, captions in .txt files or metadata.csv/.jsonl")
-    where.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
-    images.add_argument("--dataset_config", help="Hugging Face dataset config name")
-    images.add_argument("--image_column", default="image")
-    images.add_argument("--caption_column", default="text", help="'none' for no captions")
-    images.add_argument("--image_size", type=int, default=256, help="side of the square images (sources only)")
-    images.add_argument("--val_fraction", type=float, default=0.05, help="a folder's validation fraction")
-    images.add_argument("--num_workers", type=int, default=0, help="processes decoding images (sources only)")
-    images.add_argument("--max_images", type=int, help="encode at most this many images")
+    add_image_source_arguments(images, where)
 
     models = parser.add_argument_group("encoders")
     models.add_argument("--vae_checkpoint", help="checkpoint directory of pretrain_image_vae.py (required)")
@@ -100,11 +91,7 @@ def _image_items(args, split: str):
         return ((item, None) for item in itertools.islice(cache, count)), count, cache.meta["image_size"], source
     if args.image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    source = ImageSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config,
-                         split="validation" if split == "val" else split, input_dir=args.input_dir,
-                         from_disk=args.from_disk, image_column=args.image_column,
-                         caption_column=None if args.caption_column.lower() == "none" else args.caption_column,
-                         max_images=args.max_images, val_fraction=args.val_fraction)
+    source = image_source_from_args(args, "validation" if split == "val" else split)
     load = functools.partial(load_image_item, image_size=args.image_size)
     return map_in_workers(load, source.records(), args.num_workers), source.num_images, args.image_size, \
         source.describe()

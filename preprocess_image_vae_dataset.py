@@ -22,35 +22,22 @@ import time
 
 from tqdm import tqdm
 
-from data.builtin_shapes import BUILTIN_SHAPES_NAME, MIN_IMAGE_SIZE
-from data.image_sources import BUILTIN_DEFAULT_IMAGES, DataSourceError, ImageSource, load_image_item
+from data.builtin_shapes import MIN_IMAGE_SIZE
+from data.image_sources import (DataSourceError, ImageSource, add_image_source_arguments, image_source_from_args,
+                                load_image_item)
 from data.sharded_cache import ShardedCacheWriter, check_output_dir, map_in_workers
 
 MAX_LISTED_SKIPS = 100
+DEFAULT_SPLIT_NAMES = {"validation": "val"}  # the default output names pretrain_image_vae.py reads
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset_name", help=f"Hugging Face dataset name or local path, or {BUILTIN_SHAPES_NAME}")
-    source.add_argument("--input_dir", help="folder of images (recursive), captions in .txt files or metadata.csv/"
-                                            "metadata.jsonl")
-    source.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
-    parser.add_argument("--dataset_config", help="Hugging Face dataset config name")
+    add_image_source_arguments(parser, parser.add_mutually_exclusive_group(required=True))
     parser.add_argument("--split", default="train",
                         help="split to read (val = validation); folders and builtin:shapes: train or validation")
-    parser.add_argument("--image_column", default="image", help="image column of a hub or saved dataset")
-    parser.add_argument("--caption_column", default="text",
-                        help="caption column of a dataset or metadata file; 'none' for no captions")
-    parser.add_argument("--image_size", type=int, default=256, help="side of the square images in the cache")
-    parser.add_argument("--max_images", type=int,
-                        help=f"read at most this many images ({BUILTIN_SHAPES_NAME}: default "
-                             f"{BUILTIN_DEFAULT_IMAGES['train']:,} train, {BUILTIN_DEFAULT_IMAGES['validation']:,} "
-                             "validation)")
-    parser.add_argument("--val_fraction", type=float, default=0.05,
-                        help="fraction of a folder's images (by a hash of their path) in its validation split")
-    parser.add_argument("--output_dir", help="cache directory (default cached_datasets/image_<split>_cached)")
-    parser.add_argument("--num_workers", type=int, default=0, help="processes decoding images (0: this one)")
+    parser.add_argument("--output_dir", help="cache directory (default cached_datasets/image_train_cached, "
+                                             "image_val_cached for validation, image_<split>_cached otherwise)")
     parser.add_argument("--items_per_shard", type=int, default=256, help="images per shard file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output_dir")
     return parser
@@ -62,14 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
         return int(exit_request.code or 0)
     started = time.perf_counter()
-    output_dir = args.output_dir or f"cached_datasets/image_{args.split}_cached"
+    output_dir = args.output_dir or f"cached_datasets/image_{DEFAULT_SPLIT_NAMES.get(args.split, args.split)}_cached"
     try:
         if args.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-        source = ImageSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config, split=args.split,
-                             input_dir=args.input_dir, from_disk=args.from_disk, image_column=args.image_column,
-                             caption_column=None if args.caption_column.lower() == "none" else args.caption_column,
-                             max_images=args.max_images, val_fraction=args.val_fraction)
+        source = image_source_from_args(args, args.split)
         check_output_dir(output_dir, args.overwrite)
         meta = write_image_cache(source, output_dir, image_size=args.image_size, num_workers=args.num_workers,
                                  items_per_shard=args.items_per_shard, overwrite=args.overwrite)

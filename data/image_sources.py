@@ -299,3 +299,32 @@ def _split_name(split: str, available: list[str] | None = None) -> str:
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
+
+
+def add_image_source_arguments(parser, sources) -> None:
+    """The flags that choose and read an image source, shared by the preprocess_image_*.py scripts: --dataset_name,
+    --input_dir and --from_disk go into `sources` (a mutually exclusive group), the rest into `parser`."""
+    sources.add_argument("--dataset_name", help=f"Hugging Face dataset name or local path, or {BUILTIN_SHAPES_NAME}")
+    sources.add_argument("--input_dir", help="folder of images (recursive), captions in .txt files or metadata.csv/"
+                                             "metadata.jsonl")
+    sources.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
+    parser.add_argument("--dataset_config", help="Hugging Face dataset config name")
+    parser.add_argument("--image_column", default="image", help="image column of a hub or saved dataset")
+    parser.add_argument("--caption_column", default="text",
+                        help="caption column of a dataset or metadata file; 'none' for no captions")
+    parser.add_argument("--image_size", type=int, default=256, help="side of the square images")
+    parser.add_argument("--max_images", type=int,
+                        help=f"read at most this many images ({BUILTIN_SHAPES_NAME}: default "
+                             f"{BUILTIN_DEFAULT_IMAGES['train']:,} train, {BUILTIN_DEFAULT_IMAGES['validation']:,} "
+                             "validation)")
+    parser.add_argument("--val_fraction", type=float, default=0.05,
+                        help="fraction of a folder's images (by a hash of their path) in its validation split")
+    parser.add_argument("--num_workers", type=int, default=0, help="processes decoding images (0: this one)")
+
+
+def image_source_from_args(args, split: str) -> ImageSource:
+    """The ImageSource the flags of add_image_source_arguments describe, reading `split`."""
+    caption_column = None if args.caption_column.lower() == "none" else args.caption_column
+    return ImageSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config, split=split,
+                       input_dir=args.input_dir, from_disk=args.from_disk, image_column=args.image_column,
+                       caption_column=caption_column, max_images=args.max_images, val_fraction=args.val_fraction)
