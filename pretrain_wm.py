@@ -80,5 +80,6 @@ def prepare(args):
 def main(argv=None) -> int:
     return run_training(argv, parse_args, prepare)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -40,7 +40,7 @@ import torchaudio
 
 from data.builtin_speech import (BUILTIN_SPEECH_NAME, SpeechUnavailableError, Utterance, hash_fraction,
                                  iter_utterances, require_espeak, synthesize)
-from data.text_sources import DataSourceError
+from data.saved_datasets import DataSourceError, load_saved_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -260,25 +260,12 @@ class AudioSource:
 
     def _disk_records(self) -> Iterator[AudioRecord]:
         """Loads the dataset and checks its split and columns now, before any work."""
-        import datasets
-
-        try:
-            dataset = datasets.load_from_disk(self.from_disk)
-        except (FileNotFoundError, ValueError) as error:
-            raise DataSourceError(f"--from_disk {self.from_disk} is not a dataset written by save_to_disk "
-                                  f"({' '.join(str(error).split())})") from error
+        dataset, from_split = load_saved_dataset(self.from_disk, self.split)
         keep = None
-        if isinstance(dataset, datasets.DatasetDict):
-            alias = {"val": "validation", "validation": "val"}.get(self.split)
-            split = alias if self.split not in dataset and alias in dataset else self.split
-            if split not in dataset:
-                raise DataSourceError(f"--from_disk {self.from_disk} has no split {self.split!r}; "
-                                      f"available: {', '.join(dataset)}")
-            dataset = dataset[split]
-        elif self.split not in LOCAL_SPLITS:
-            raise DataSourceError(f"--from_disk {self.from_disk} is a single dataset, split here into train and "
-                                  f"validation; --split {self.split!r} is neither")
-        else:
+        if not from_split:  # a single saved Dataset: split here by a hash of each row's key
+            if self.split not in LOCAL_SPLITS:
+                raise DataSourceError(f"--from_disk {self.from_disk} is a single dataset, split here into train "
+                                      f"and validation; --split {self.split!r} is neither")
             keys = [str(key) for key in dataset["id"]] if "id" in dataset.column_names else \
                 [str(index) for index in range(len(dataset))]
             keep = _hash_split(keys, self.val_fraction, self.split_name)

@@ -30,16 +30,13 @@ import torch
 from PIL import Image, ImageOps
 
 from data.builtin_shapes import BUILTIN_SHAPES_NAME, SPLITS, ShapeSpec, draw_shape, shape_specs
+from data.saved_datasets import DataSourceError, load_saved_dataset, one_line, split_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
 BUILTIN_DEFAULT_IMAGES = {"train": 10_000, "validation": 500}
 OFFLINE_ALTERNATIVES = ("use --input_dir DIR (a folder of images), --from_disk DIR (a dataset saved with "
                         f"save_to_disk) or --dataset_name {BUILTIN_SHAPES_NAME} instead")
-
-
-class DataSourceError(ValueError):
-    """A source that cannot be read; the message says what to do instead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +63,7 @@ def load_image_item(record: ImageRecord, image_size: int) -> tuple[dict | None, 
                 image = ImageOps.fit(_as_rgb(ImageOps.exif_transpose(opened)), (image_size, image_size),
                                      method=Image.Resampling.LANCZOS)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            return None, {"source_id": record.source_id, "reason": f"{type(error).__name__}: {_one_line(error)}"}
+            return None, {"source_id": record.source_id, "reason": f"{type(error).__name__}: {one_line(error)}"}
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     item = {"image": pixels, "caption": record.caption, "source_id": record.source_id}
     if record.shape is not None:
@@ -183,19 +180,7 @@ class ImageSource:
 
     # ----- datasets -----
     def _disk_records(self) -> Iterator[ImageRecord]:
-        import datasets
-
-        try:
-            dataset = datasets.load_from_disk(self.from_disk)
-        except (FileNotFoundError, ValueError) as error:
-            raise DataSourceError(f"--from_disk {self.from_disk} is not a dataset written by save_to_disk "
-                                  f"({_one_line(error)})") from error
-        if isinstance(dataset, datasets.DatasetDict):
-            split = _split_name(self.split, list(dataset))
-            if split not in dataset:
-                raise DataSourceError(f"--from_disk {self.from_disk} has no split {self.split!r}; "
-                                      f"available: {', '.join(dataset)}")
-            dataset = dataset[split]
+        dataset, _ = load_saved_dataset(self.from_disk, self.split)
         yield from self._dataset_records(dataset, f"--from_disk {self.from_disk}")
 
     def _hub_records(self) -> Iterator[ImageRecord]:
@@ -203,14 +188,14 @@ class ImageSource:
 
         where = f"dataset {self.dataset_name!r}"
         try:
-            dataset = datasets.load_dataset(self.dataset_name, self.dataset_config, split=_split_name(self.split),
+            dataset = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split_name(self.split),
                                             streaming=True)
             rows = self._dataset_records(dataset, where)
             first = next(rows, None)
         except DataSourceError:
             raise
         except Exception as error:
-            raise DataSourceError(f"could not load {where} ({type(error).__name__}: {_one_line(error)}); "
+            raise DataSourceError(f"could not load {where} ({type(error).__name__}: {one_line(error)}); "
                                   f"without hub access {OFFLINE_ALTERNATIVES}") from error
         if first is not None:
             yield first
@@ -287,18 +272,6 @@ def _metadata_rows(path: Path) -> Iterator[tuple[int, dict]]:
 def _unit_hash(text: str) -> float:
     """A fixed pseudo-random number in [0, 1) for `text`."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2 ** 64
-
-
-def _split_name(split: str, available: list[str] | None = None) -> str:
-    """`val` means `validation`; with the `available` splits known, either name finds the other."""
-    if available is None:
-        return "validation" if split == "val" else split
-    alias = {"val": "validation", "validation": "val"}.get(split)
-    return alias if split not in available and alias in available else split
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def add_image_source_arguments(parser, sources) -> None:

@@ -17,14 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from data.builtin_text import BUILTIN_TEXT_NAME, iter_builtin_documents
+from data.saved_datasets import DataSourceError, load_saved_dataset, one_line, split_name
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 OFFLINE_ALTERNATIVES = ("use --from_disk DIR (a dataset saved with save_to_disk), --input_dir DIR (local "
                         f".txt/.jsonl/.parquet files) or --dataset_name {BUILTIN_TEXT_NAME} instead")
-
-
-class DataSourceError(ValueError):
-    """A source that cannot be read; the message says what to do instead."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +130,7 @@ class TextSource:
                 yield self._text(value, str(path))
 
     def _disk_documents(self) -> Iterator[str]:
-        import datasets
-
-        try:
-            dataset = datasets.load_from_disk(self.from_disk)
-        except (FileNotFoundError, ValueError) as error:
-            raise DataSourceError(f"--from_disk {self.from_disk} is not a dataset written by save_to_disk "
-                                  f"({_one_line(error)})") from error
-        if isinstance(dataset, datasets.DatasetDict):
-            split = _split_name(self.split, list(dataset))
-            if split not in dataset:
-                raise DataSourceError(f"--from_disk {self.from_disk} has no split {self.split!r}; "
-                                      f"available: {', '.join(dataset)}")
-            dataset = dataset[split]
+        dataset, _ = load_saved_dataset(self.from_disk, self.split)
         if self.text_column not in dataset.column_names:
             raise DataSourceError(f"--from_disk {self.from_disk} has no column {self.text_column!r} "
                                   f"(has {dataset.column_names}); pick the column with --text_column")
@@ -158,12 +143,12 @@ class TextSource:
 
         where = f"Hugging Face dataset {self.dataset_name!r}"
         try:
-            dataset = datasets.load_dataset(self.dataset_name, self.dataset_config, split=_split_name(self.split),
+            dataset = datasets.load_dataset(self.dataset_name, self.dataset_config, split=split_name(self.split),
                                             streaming=True)
             rows = iter(dataset)
             first = next(rows, None)
         except Exception as error:
-            raise DataSourceError(f"could not load {where} ({type(error).__name__}: {_one_line(error)}); "
+            raise DataSourceError(f"could not load {where} ({type(error).__name__}: {one_line(error)}); "
                                   f"without hub access {OFFLINE_ALTERNATIVES}") from error
         for row in itertools.chain([first] if first is not None else [], rows):
             if self.text_column not in row:
@@ -192,15 +177,3 @@ def _capped(documents: Iterator[str], max_documents: int | None, max_chars: int 
             return
         chars += len(document)
         yield document
-
-
-def _split_name(split: str, available: list[str] | None = None) -> str:
-    """`val` means `validation`; with the `available` splits known, either name finds the other."""
-    if available is None:
-        return "validation" if split == "val" else split
-    alias = {"val": "validation", "validation": "val"}.get(split)
-    return alias if split not in available and alias in available else split
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
