@@ -38,6 +38,17 @@ def _check_waveform(waveform: torch.Tensor) -> None:
         raise ValueError(f"discriminators take a waveform (B, S), got shape {tuple(waveform.shape)}")
 
 
+def _conv_stack(x: torch.Tensor, convs: nn.ModuleList, post: nn.Module) -> tuple[torch.Tensor, list]:
+    """Each conv then a leaky ReLU, then `post`: (logits, the feature map after every layer, logits last)."""
+    features = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), LEAKY_SLOPE)
+        features.append(x)
+    x = post(x)
+    features.append(x)
+    return x, features
+
+
 class PeriodDiscriminator(nn.Module):
     """waveform (B, S) → logits (B, 1, ~S / (81 p), p), after reflect-padding S to a multiple of the period p."""
 
@@ -56,13 +67,7 @@ class PeriodDiscriminator(nn.Module):
         if remainder:
             x = F.pad(x, (0, self.period - remainder), mode="reflect")
         x = x.view(x.shape[0], 1, x.shape[-1] // self.period, self.period)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LEAKY_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x, features
+        return _conv_stack(x, self.convs, self.post)
 
 
 class ScaleDiscriminator(nn.Module):
@@ -84,13 +89,7 @@ class ScaleDiscriminator(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list]:
         x = waveform.to(self.post.bias.dtype).unsqueeze(1)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LEAKY_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x, features
+        return _conv_stack(x, self.convs, self.post)
 
 
 class ResolutionDiscriminator(nn.Module):
@@ -110,13 +109,7 @@ class ResolutionDiscriminator(nn.Module):
     def forward(self, waveform: torch.Tensor) -> tuple[torch.Tensor, list]:
         magnitude = stft(waveform, self.spectrum).abs()  # (B, F, T) float32
         x = magnitude.transpose(1, 2).unsqueeze(1).to(self.post.bias.dtype)  # (B, 1, T, F)
-        features = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), LEAKY_SLOPE)
-            features.append(x)
-        x = self.post(x)
-        features.append(x)
-        return x, features
+        return _conv_stack(x, self.convs, self.post)
 
 
 class _MultiDiscriminator(nn.Module):
