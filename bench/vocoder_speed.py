@@ -22,10 +22,8 @@ machine. A benchmark, not a test: nothing here is asserted by the test suite.
 
 import argparse
 import datetime
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +33,7 @@ from vocos.feature_extractors import MelSpectrogramFeatures  # noqa: E402
 from vocos.heads import ISTFTHead  # noqa: E402
 from vocos.models import VocosBackbone  # noqa: E402
 
+from bench.lm_throughput import cpu_model, interleaved_times  # noqa: E402
 from model.audio.features import log_mel  # noqa: E402
 from model.audio.vocoders import build_vocoder, model_config_lookup  # noqa: E402
 
@@ -53,16 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 class VocosGenerator(torch.nn.Module):
     """Vocos' backbone and ISTFT head: mel (B, n_mels, T) → waveform (B, (T - 1) * hop)."""
 
@@ -73,28 +62,6 @@ class VocosGenerator(torch.nn.Module):
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(mel))
-
-
-def timed(fn, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def interleaved_times(fns: dict, warmup: int, repeats: int, device: str) -> dict:
-    """name → list of seconds per repeat; the functions alternate within each repeat."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return times
 
 
 def summarize(times: dict, audio_seconds: float) -> dict:
