@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from model import build_model, load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.loop import TrainingStopped, start_run, train
 from training.task import TrainingTask
+from two_ranks import run_two_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 VOCAB_SIZE = 512
@@ -95,12 +95,6 @@ def checkpoint_names(run_dir: Path) -> list[str]:
 
 def trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ----- exact resume, SIGTERM, rotation (plain engine, float32) -----
@@ -267,22 +261,12 @@ def test_tensorboard_scalars_and_text(learning_run, text_cache):
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_ranks_save_and_resume(text_cache, tmp_path):
-    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
-        pytest.skip("two ranks need two GPUs, or none (CPU ranks over gloo)")
-    launcher = Path(sys.executable).parent / "deepspeed"
-    assert launcher.is_file(), f"no deepspeed launcher next to {sys.executable}"
     flags = ["--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16",
              "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing", "--save_steps", "2",
              "--eval_steps", "2", *SMALL]
 
     def launch(*extra):
-        command = [str(launcher), "--num_gpus=2", "--master_port", str(free_port()), "pretrain_wm.py",
-                   *pretrain_args(text_cache, tmp_path, "ds", *flags, *extra)]
-        completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
-        output = completed.stdout + completed.stderr
-        assert completed.returncode == 0, output[-4000:]
-        assert "Traceback" not in output, output[-4000:]
-        return output
+        return run_two_ranks("pretrain_wm.py", pretrain_args(text_cache, tmp_path, "ds", *flags, *extra))
 
     run_dir = tmp_path / "ds"
     launch("--max_steps", "4")
@@ -318,13 +302,8 @@ def test_deepspeed_zero2_two_ranks_save_and_resume(text_cache, tmp_path):
 @pytest.mark.slow
 def test_deepspeed_zero3_exports_full_weights(text_cache, tmp_path):
     """ZeRO-3 partitions the weights themselves: the checkpoint's model.safetensors must still hold them all."""
-    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
-        pytest.skip("two ranks need two GPUs, or none (CPU ranks over gloo)")
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus=2", "--master_port", str(free_port()),
-               "pretrain_wm.py", *pretrain_args(text_cache, tmp_path, "z3", "--use_deepspeed", "--deepspeed_config",
-                                                "ds_config_zero-3.json", "--max_steps", "2", *SMALL)]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-4000:]
+    run_two_ranks("pretrain_wm.py", pretrain_args(text_cache, tmp_path, "z3", "--use_deepspeed", "--deepspeed_config",
+                                                  "ds_config_zero-3.json", "--max_steps", "2", *SMALL))
     model = load_pretrained(tmp_path / "z3" / "checkpoint-2")
     reference = build_model(model.config)
     for (name, loaded), (_, fresh) in zip(model.named_parameters(), reference.named_parameters()):

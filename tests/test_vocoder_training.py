@@ -9,9 +9,6 @@ import io
 import json
 import math
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +29,7 @@ from training.loop import RunContext
 from training.task import Audio
 from training.vocoder_task import (SegmentBatches, build_vocoder_task, crop_segment, min_segment_frames,
                                    reconstruction_metrics)
+from two_ranks import run_two_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = "tiny_lightheaded_freq_domain_vocoder"
@@ -370,29 +368,14 @@ def test_gan_resume_is_exact(gan_run, speech_caches, runs_dir):
 
 # ----- DeepSpeed ZeRO-2, two CPU ranks, bf16, with the GAN -----
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @needs_espeak
 @pytest.mark.slow
 def test_deepspeed_zero2_two_ranks_bf16_gan(speech_caches, tmp_path):
-    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
-        pytest.skip("two ranks need two GPUs, or none (CPU ranks over gloo)")
-    launcher = Path(sys.executable).parent / "deepspeed"
-    assert launcher.is_file(), f"no deepspeed launcher next to {sys.executable}"
-    command = [str(launcher), "--num_gpus=2", "--master_port", str(free_port()), "pretrain_vocoder.py",
-               *pretrain_args(speech_caches, tmp_path, "ds", "--use_deepspeed", "--deepspeed_config",
-                              "ds_config_zero-2.json", "--bf16", "--gradient_accumulation_steps", 2, "--batch_size", 2,
-                              "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3, "--eval_batches", 2,
-                              "--logging_steps", 1, "--sample_clips", 1, "--segment_frames", 16, "--use_gan",
-                              "--gan_start_step", 1, *SMALL_DISCRIMINATOR)]
-    completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400)
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output[-4000:]
-    assert "Traceback" not in output, output[-4000:]
+    output = run_two_ranks("pretrain_vocoder.py", pretrain_args(
+        speech_caches, tmp_path, "ds", "--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16",
+        "--gradient_accumulation_steps", 2, "--batch_size", 2, "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3,
+        "--eval_batches", 2, "--logging_steps", 1, "--sample_clips", 1, "--segment_frames", 16, "--use_gan",
+        "--gan_start_step", 1, *SMALL_DISCRIMINATOR))
     assert "finished" in output and "at step 3" in output
 
     run_dir = tmp_path / "ds"
