@@ -118,6 +118,9 @@ class DeepSpeedEngine:
         config = resolve_deepspeed_config(args.deepspeed_config, args, world_size)
         optimizer = make_optimizer(model, learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
         scheduler = make_scheduler(optimizer, warmup_steps, schedule_steps, args.min_lr_ratio)
+        half = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+        if half is not None:
+            _batch_norms_to(model, half)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=config)
         self.module = self.engine.module
@@ -161,6 +164,15 @@ class DeepSpeedEngine:
                              "(resume it without --use_deepspeed)")
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state")
         barrier()
+
+
+def _batch_norms_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts parameters to the half dtype but leaves buffers alone, and batch norm needs its running
+    statistics in the dtype of its weights: cast batch norms whole. Other buffers keep their dtype (the rotary
+    inv_freq, for one, must stay float32)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.to(dtype)
 
 
 def make_engine(model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int,

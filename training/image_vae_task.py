@@ -168,12 +168,7 @@ def build_image_vae_task(model: ImageVAE, config: ImageVAEConfig, train_cache: S
 
     adversary = None
     if config.use_discriminator:
-        discriminator = build_discriminator(config)
-        if args.use_deepspeed and (args.bf16 or args.fp16):
-            # DeepSpeed casts parameters to the half dtype but leaves buffers alone, and BatchNorm needs its
-            # running statistics in the dtype of its weights: hand it a discriminator already in that dtype
-            discriminator.to(torch.bfloat16 if args.bf16 else torch.float16)
-        adversary = Adversary(module=discriminator, loss=discriminator_loss,
+        adversary = Adversary(module=build_discriminator(config), loss=discriminator_loss,
                               start_step=config.disc_start_step, learning_rate=args.discriminator_lr,
                               name="discriminator")
     logger.info("image VAE: %d train images (%d batches per epoch per rank), %d validation images",
