@@ -8,6 +8,8 @@ per run).
     python preprocess_image_diffusion_dataset.py --dataset_name builtin:shapes --image_size 64 \\
         --text_encoder builtin:words --vae_checkpoint runs/image_vae_run/checkpoint-XXX     # no image cache needed
 
+(checkpoint-XXX: the step of the VAE checkpoint that pretrain_image_vae.py wrote, e.g. checkpoint-1000.)
+
 Images come from an image cache of preprocess_image_vae_dataset.py (--image_cache_dir; by default
 cached_datasets/image_train_cached for --split train and cached_datasets/image_val_cached for validation), or
 straight from a source with the flags of preprocess_image_vae_dataset.py (--dataset_name, --input_dir,

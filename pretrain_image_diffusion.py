@@ -10,6 +10,8 @@
     deepspeed --num_gpus=2 pretrain_image_diffusion.py --use_deepspeed --bf16 --run_name image_diffusion_run ...
     python generate_image.py --run_dir runs/image_diffusion_run --prompt "a red circle" --output_dir out/
 
+(checkpoint-XXX: the step of the VAE checkpoint that pretrain_image_vae.py wrote, e.g. checkpoint-1000.)
+
 --diffusion_type (or --config) names configs/image_diffusion/*.yaml (or a YAML path); --set KEY=VALUE overrides a
 field. The latent channels and grid and the text width come from the train cache (an override that disagrees
 is an error). Defaults follow DiT: AdamW at 1e-4 without weight decay, betas (0.9, 0.999). The EMA of the weights
