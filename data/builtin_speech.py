@@ -5,7 +5,9 @@ templates below by `random.Random(f"{seed}:{k}")`, one of SPEAKERS (an espeak-ng
 pitch; the voice name is the speaker id), a speaking rate of 140-185 words per minute and a pitch within
 ±6 of the speaker's. Its key `speech-{k:06d}` decides its split: a hash of the key below `val_fraction`
 puts it in validation, else in train. A split's items are the first `num_items` utterances that fall in
-it, so train and validation are disjoint and every run gives the same items.
+it, so train and validation are disjoint and every run gives the same items: the same keys, texts, voices
+and lengths bit for bit, and waveforms equal to float32 rounding (after resampling, whose float32 sums may run in
+another order on another CPU, thread count or worker count).
 
 Synthesis runs `espeak-ng -v VOICE -s SPEED -p PITCH --stdout TEXT` (about 10 ms per sentence) and reads
 its WAV output (22050 Hz mono) with soundfile. Sentences last about 2 to 5 seconds.

@@ -65,11 +65,30 @@ def both_splits(tmp_path, source_args: list, *extra) -> dict[str, list[dict]]:
 
 
 def assert_same_items(first: list[dict], second: list[dict]) -> None:
+    """What a cache promises across runs, worker counts and thread counts: the same items in the same order, every
+    key, text, id and integer tensor bit for bit, float tensors (waveforms, mels) equal to float32 rounding (their
+    resampling and STFT kernels may sum in another order on another thread count or CPU)."""
     assert len(first) == len(second)
     for a, b in zip(first, second):
         assert a.keys() == b.keys()
         for key in a:
-            assert torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key], key
+            if isinstance(a[key], torch.Tensor) and a[key].is_floating_point():
+                assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+            elif isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key
+
+
+def test_assert_same_items_tolerates_rounding_but_not_different_audio():
+    item = {"waveform": torch.linspace(-0.5, 0.5, 100), "length": torch.tensor(100), "text": "a"}
+    rounded = dict(item, waveform=item["waveform"] + 1e-25)  # the size of a reordered float32 sum near silence
+    assert_same_items([item], [rounded])
+    for changed in (dict(item, waveform=item["waveform"] * 1.01), dict(item, length=torch.tensor(99)),
+                    dict(item, text="b"), dict(item, waveform=item["waveform"][:99])):
+        with pytest.raises(AssertionError):
+            assert_same_items([item], [changed])
 
 
 # ----- folders -----
