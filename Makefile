@@ -26,11 +26,13 @@ test: $(STAMP) espeak
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in data: cache the corpus once, then train `tiny` for a few minutes on two
-# DeepSpeed ZeRO-2 ranks (CPU ranks over gloo when there is no GPU).
+# DeepSpeed ZeRO-2 ranks (CPU ranks over gloo when there is no GPU), in bfloat16 where the hardware has it
+# (a GPU, or a CPU with AMX / AVX-512 BF16) and float32 where bfloat16 would be emulated (several times slower).
 demo: $(STAMP)
 	test -f cached_datasets/text/meta.json || $(PY) preprocess_text_dataset.py --dataset_name builtin:text --train_tokenizer
 	$(VENV)/bin/deepspeed --num_gpus=2 pretrain_wm.py --use_deepspeed --deepspeed_config ds_config_zero-2.json \
-		--bf16 --run_name demo --overwrite_run --config tiny --max_steps 200 --batch_size 8 --seq_len 256 \
+		$$($(PY) -c 'from training.precision import fast_precision_flags; print(*fast_precision_flags())') \
+		--run_name demo --overwrite_run --config tiny --max_steps 200 --batch_size 8 --seq_len 256 \
 		--learning_rate 2e-3 --warmup_steps 20 --logging_steps 10 --eval_steps 50 --save_steps 100
 
 bench: $(STAMP)

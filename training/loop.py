@@ -28,6 +28,7 @@ from training.distributed import (all_reduce_sum, barrier, broadcast_flag, choos
                                   is_main_process, rank, union_over_ranks, world_size)
 from training.engines import make_engine
 from training.monitor import RunMonitor, gpu_peak_flops
+from training.precision import warn_if_bf16_is_emulated
 from training.task import LossTerms, TrainingTask, as_loss_terms
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def _prepare(task: TrainingTask, args, context: RunContext) -> Optional[Path]:
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         task.config.to_yaml(run_dir / "config.yaml")
+        warn_if_bf16_is_emulated(args.bf16, context.device)
     if args.use_gradient_checkpointing:
         if not hasattr(task.model, "set_gradient_checkpointing"):
             raise ValueError(f"--use_gradient_checkpointing: {type(task.model).__name__} does not support it")
