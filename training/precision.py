@@ -2,7 +2,7 @@
 
 On a CUDA GPU from Ampere on, and on CPUs with AMX or AVX-512 BF16 instructions, bfloat16 matmuls run natively.
 Other CPUs (an AMD EPYC before Zen 4, an Intel Xeon without AMX) emulate them: measured on a 2-core AMD EPYC
-without AVX-512, training `tiny` took 3.5x as long in bfloat16 as in float32 (bench/RESULTS.md).
+without AVX-512, a training step of `tiny` took 8.6x as long in bfloat16 as in float32 (bench/RESULTS.md).
 """
 
 import functools
@@ -43,7 +43,7 @@ def warn_if_bf16_is_emulated(bf16: bool, device: torch.device) -> bool:
     if not bf16 or has_native_bf16(device):
         return False
     logger.warning("--bf16 on this %s: it has no native bfloat16 matmuls (no AMX / AVX-512 BF16), so they are "
-                   "emulated and training runs several times slower than in float32 (3.5x measured on a 2-core "
+                   "emulated and training runs several times slower than in float32 (8.6x measured on a 2-core "
                    "AMD EPYC). Drop --bf16 here; keep it for GPUs.", "GPU" if device.type == "cuda" else "CPU")
     return True
 
