@@ -1,14 +1,12 @@
 """The image latent-diffusion task for the shared loop: a DiT denoising cached image-VAE latents (written by
 preprocess_image_diffusion_dataset.py), conditioned on cached text embeddings.
 
-    train_cache, val_cache = open_latent_caches(train_dir, val_dir)
+    train_cache, val_cache = open_latent_caches(train_dir, val_dir)                  # data/latent_cache.py
     config = resolve_diffusion_config("small_dit", ["depth=8"], train_cache)
     vae, _ = load_vae_checkpoint("runs/image_vae_run/checkpoint-5000", device=context.device)   # model/image/pipeline.py
     task = build_image_diffusion_task(DiT(config), config, train_cache, val_cache, vae, args, context)
 
-A cache item holds the VAE posterior of one image (latent_mean, latent_logvar: (C, h, w)), its caption's text
-embeddings (text_emb: (L_i, D), real tokens only) and caption. Each micro-batch i samples its latents from the
-stored posteriors, scales them by the train cache's latent_scale_factor (unit variance) and noises them, all with
+Each micro-batch i (collated by data/latent_cache.py) samples its latents from the stored VAE posteriors, scales them by the train cache's latent_scale_factor (unit variance) and noises them, all with
 a generator seeded by (seed, rank, i): a resumed run draws the same numbers. The loss is model/diffusion's
 diffusion_loss (min-SNR weighting, condition dropout); the DiT casts its inputs to its weights' dtype, so the
 bfloat16 weights of DeepSpeed's bf16 work as float32 ones do.
@@ -29,6 +27,7 @@ import torch
 import yaml
 
 from data.cached_batches import CachedBatches, fixed_items
+from data.latent_cache import collate_latents
 from data.sharded_cache import ShardedCache
 from model.diffusion import EMA, diffusion_loss
 from model.image.diffusion import ImageDiffusionConfig
@@ -41,8 +40,6 @@ from training.task import Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)
 
-MADE_BY = "preprocess_image_diffusion_dataset.py"
-TRAIN_OPEN_SHARDS = 8
 EVAL_SEED = 1234
 # from the cache: field of the DiT config -> what it must equal
 DATA_KEYS = ("latent_channels", "latent_height", "latent_width", "text_embed_dim")
@@ -52,23 +49,7 @@ DEFAULT_SAMPLE_PROMPTS = ("a large red circle in the center on a white backgroun
                           "large purple star on the right, white background")
 
 
-# ----- caches and config -----
-
-def open_latent_caches(train_dir, val_dir) -> tuple[ShardedCache, ShardedCache]:
-    """The train and validation latent caches, checked to hold latents of the same VAE and text encoder."""
-    train = ShardedCache(train_dir, made_by=f"{MADE_BY} --split train", open_shards=TRAIN_OPEN_SHARDS)
-    val = ShardedCache(val_dir, made_by=f"{MADE_BY} --split validation")
-    for cache in (train, val):
-        if "latent_shape" not in cache.meta:
-            raise ValueError(f"{cache.directory} is not a latent cache (its meta.json has no latent_shape): write "
-                             f"it with {MADE_BY}")
-    for key in ("latent_shape", "text_encoder", "vae_checkpoint"):
-        if train.meta[key] != val.meta[key]:
-            raise ValueError(f"the train cache {train.directory} and the validation cache {val.directory} differ in "
-                             f"{key} ({train.meta[key]} vs {val.meta[key]}): write both with the same {MADE_BY} "
-                             "--vae_checkpoint and --text_encoder")
-    return train, val
-
+# ----- config and noise -----
 
 def resolve_diffusion_config(name: str, overrides: list[str], cache: ShardedCache) -> ImageDiffusionConfig:
     """The named config with --set overrides, its latent grid and text width taken from the cache (ValueError
@@ -89,20 +70,6 @@ def resolve_diffusion_config(name: str, overrides: list[str], cache: ShardedCach
             raise
         raise ValueError(f"{error}: the latent grid {height}x{width} comes from {cache.directory}; pick a patch_size "
                          "that divides it, or write the cache from images of another --image_size") from None
-
-
-def collate_latents(items: list[dict]) -> dict:
-    """Cache items -> {"latent_mean", "latent_logvar": (B, C, h, w) float32, "text_emb": (B, L, D) float32
-    right-padded with zeros, "text_mask": (B, L) bool}."""
-    lengths = [item["text_emb"].shape[0] for item in items]
-    text = torch.zeros(len(items), max(lengths), items[0]["text_emb"].shape[1])
-    mask = torch.zeros(len(items), max(lengths), dtype=torch.bool)
-    for row, (item, length) in enumerate(zip(items, lengths)):
-        text[row, :length] = item["text_emb"].float()
-        mask[row, :length] = True
-    return {"latent_mean": torch.stack([item["latent_mean"].float() for item in items]),
-            "latent_logvar": torch.stack([item["latent_logvar"].float() for item in items]),
-            "text_emb": text, "text_mask": mask}
 
 
 def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
