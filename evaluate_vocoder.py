@@ -29,10 +29,12 @@ import torch
 import torchaudio
 
 from data.sharded_cache import ShardedCache
+from data.vocoder_cache import MADE_BY, check_cache_features
 from model.audio.criteria import MultiResolutionSTFTLoss
-from model.audio.vocoders.vocoders import load_vocoder
-from training.vocoder_task import MADE_BY, check_cache_features, min_metric_samples, reconstruction_metrics
-from vocode import add_checkpoint_arguments, checkpoint_path, choose_device, synthesize
+from model.pretrained import load_pretrained
+from training.audio_metrics import min_metric_samples, reconstruction_metrics, synthesize
+from training.checkpoints import add_checkpoint_arguments, checkpoint_from_args
+from training.distributed import choose_device
 
 PESQ_RATE = 16000
 METRICS = (("pesq", "PESQ (wideband)"), ("stoi", "STOI"), ("mel_l1", "mel L1"), ("mrstft", "MR-STFT distance"),
@@ -117,7 +119,7 @@ def summarize(clips: list) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_arguments(parser)
+    add_checkpoint_arguments(parser, "pretrain_vocoder.py")
     parser.add_argument("--data_dir", required=True, help=f"a vocoder cache written by {MADE_BY}")
     parser.add_argument("--max_items", type=int, help="evaluate the first N clips (default: all)")
     parser.add_argument("--output_json", help="default: RUN_DIR/eval_vocoder.json (or CHECKPOINT/eval_vocoder.json)")
@@ -130,8 +132,8 @@ def main(argv=None) -> int:
         if args.max_items is not None and args.max_items < 1:
             raise ValueError(f"--max_items must be at least 1, got {args.max_items}")
         device = choose_device(args.device)
-        checkpoint = checkpoint_path(args)
-        vocoder = load_vocoder(checkpoint, device)
+        checkpoint = checkpoint_from_args(args, "pretrain_vocoder.py")
+        vocoder = load_pretrained(checkpoint, device, family="vocoder")
         cache = ShardedCache(args.data_dir, made_by=MADE_BY)
         check_cache_features(cache, vocoder.config)
         clips, skipped = evaluate_clips(vocoder, cache, args.max_items, device)

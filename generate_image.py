@@ -22,10 +22,10 @@ from PIL import Image
 
 from model.diffusion import sample
 from model.diffusion.samplers import SAMPLERS
+from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint
 from model.text_encoders import text_encoder_from_description
 from training.checkpoints import resolve_checkpoint
 from training.distributed import choose_device
-from training.image_diffusion_task import load_diffusion_checkpoint, load_vae_checkpoint
 
 MAX_SLUG_LENGTH = 60
 

@@ -14,11 +14,20 @@ construction, so a saved config always holds the values the model was built with
 
 `YamlConfig` is the machinery under it, shared by every config family (vocoders, VAEs, DiTs): a
 subclass is a dataclass of typed fields with defaults, names the `configs/` subfolders its names
-resolve in, and adds its own value checks in `validate()`.
+resolve in, and adds its own value checks in `validate()`. Every config records its `model_family`
+(one of those subfolders), which is how model/families.py knows what a checkpoint's config.yaml builds.
+
+`ConfigRegistry` is the one registry mechanism: a read-only mapping name → config over the YAML files
+of some `configs/` subfolders, which parses a file only when its name is looked up (so a broken YAML
+breaks only its own name). The registries the docs name are instances of it:
+
+    lookup = ConfigRegistry(MegaTransformerConfig, ("causal",))       # model/megatransformer_causal.py
+    model_config_lookup = VocoderConfig.registry()                     # model/audio/vocoders/vocoders.py
 """
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 import re
 import types
 import typing
@@ -49,9 +58,10 @@ def _load_yaml(text: str):
 class YamlConfig:
     """A dataclass config read from and written to YAML, validated on construction.
 
-    Subclasses set FAMILIES (the `configs/` subfolders their names resolve in), CHOICES (field → allowed
-    values), DERIVED (field resolved from others when null → the fields it follows), and may override
-    resolve_derived() and validate(), both called by __post_init__ after the type check.
+    Subclasses set FAMILIES (the `configs/` subfolders their names resolve in, which are also the model
+    families the config may build), CHOICES (field → allowed values), DERIVED (field resolved from others when
+    null → the fields it follows), and may override resolve_derived() and validate(), both called by
+    __post_init__ after the type check.
     """
 
     FAMILIES: ClassVar[tuple] = ()
@@ -59,9 +69,11 @@ class YamlConfig:
     DERIVED: ClassVar[dict] = {}
 
     name: Optional[str] = None
+    model_family: Optional[str] = None  # one of FAMILIES (default the first): the family a checkpoint loads as
 
     def __post_init__(self):
         _check_types(self)
+        _resolve_model_family(self)
         self.resolve_derived()
         for key, choices in self.CHOICES.items():
             _require(getattr(self, key) in choices,
@@ -99,8 +111,9 @@ class YamlConfig:
         return cls.from_yaml(resolve_config_path(name, cls.FAMILIES))
 
     @classmethod
-    def available_names(cls) -> list[str]:
-        return sorted(_config_paths_by_name(cls.FAMILIES))
+    def registry(cls) -> "ConfigRegistry":
+        """Every config of this class's FAMILIES, by name (see ConfigRegistry)."""
+        return ConfigRegistry(cls, cls.FAMILIES)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,6 +142,47 @@ class YamlConfig:
                 values[derived] = None
         values.update(explicit)
         return type(self).from_dict(values)
+
+
+class UnknownConfigName(KeyError, ValueError):
+    """A name no YAML file of a registry has: a KeyError for Mapping users, a ValueError for the CLIs."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ConfigRegistry(Mapping):
+    """Registry name → config of `config_class`, a read-only view over configs/<family>/<name>.yaml for the given
+    families (default config_class.FAMILIES). The folders are listed on every access and a file is parsed only
+    when its name is looked up, so a new file shows up at once and a broken one raises (ValueError naming it) for
+    its own name only. `config_dir` defaults to megatransformer_utils.CONFIG_DIR, read at each access."""
+
+    def __init__(self, config_class: type, families: tuple | None = None, config_dir: Path | None = None):
+        self.config_class = config_class
+        self.families = tuple(families) if families is not None else config_class.FAMILIES
+        self.config_dir = config_dir
+
+    def _paths(self) -> dict[str, list[Path]]:
+        return _config_paths_by_name(self.families, self.config_dir)
+
+    def path(self, name: str) -> Path:
+        """The YAML file of `name` (UnknownConfigName, listing the names, when there is none)."""
+        return _path_of_name(name, self._paths())
+
+    def __getitem__(self, name: str):
+        return self.config_class.from_yaml(self.path(name))
+
+    def __contains__(self, name) -> bool:
+        return name in self._paths()
+
+    def __iter__(self):
+        return iter(sorted(self._paths()))
+
+    def __len__(self) -> int:
+        return len(self._paths())
+
+    def __repr__(self) -> str:
+        return f"ConfigRegistry({self.config_class.__name__}, {', '.join(self.families)}: {', '.join(self)})"
 
 
 CHOICES = {
@@ -270,10 +324,22 @@ def _parse_override(config_class, key: str, text: str):
         raise ValueError(f"override {key}={text}: the value is not valid YAML ({error})") from None
 
 
-def _config_paths_by_name(families: tuple = ()) -> dict[str, list[Path]]:
-    """Config names → their YAML files, in the given configs/ subfolders (all of them when empty)."""
+def _resolve_model_family(config: YamlConfig) -> None:
+    """model_family defaults to the first of FAMILIES and must be one of them (when the class names any)."""
+    if not config.FAMILIES:
+        return
+    if config.model_family is None:
+        config.model_family = config.FAMILIES[0]
+    _require(config.model_family in config.FAMILIES,
+             f"config key 'model_family' must be one of {', '.join(config.FAMILIES)} for a "
+             f"{type(config).__name__}, got {config.model_family!r}")
+
+
+def _config_paths_by_name(families: tuple = (), config_dir: Path | None = None) -> dict[str, list[Path]]:
+    """Config names → their YAML files, in the given configs/ subfolders (all of them when empty) of config_dir
+    (default CONFIG_DIR)."""
     paths = {}
-    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+    for path in sorted((config_dir or CONFIG_DIR).glob("*/*.yaml")):
         if families and path.parent.name not in families:
             continue
         paths.setdefault(path.stem, []).append(path)
@@ -288,11 +354,15 @@ def resolve_config_path(name, families: tuple = ()) -> Path:
         if not as_path.is_file():
             raise ValueError(f"config file {as_path} does not exist")
         return as_path
-    names = _config_paths_by_name(families)
+    return _path_of_name(name, _config_paths_by_name(families))
+
+
+def _path_of_name(name, names: dict[str, list[Path]]) -> Path:
+    """The one YAML file of registry name `name` among `names` (name → files); UnknownConfigName or ValueError."""
     if name not in names:
         close = difflib.get_close_matches(str(name), list(names), n=3, cutoff=0.4)
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise ValueError(f"unknown config name '{name}': {hint}available: {', '.join(names)}")
+        raise UnknownConfigName(f"unknown config name '{name}': {hint}available: {', '.join(names)}")
     if len(names[name]) > 1:
         raise ValueError(f"config name '{name}' is ambiguous: {', '.join(map(str, names[name]))}; "
                          "pass the path of the YAML file instead")

@@ -34,18 +34,18 @@ import functools
 import itertools
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from data.builtin_shapes import MIN_IMAGE_SIZE
+from data.cli import run_preprocessing
 from data.image_sources import add_image_source_arguments, image_source_from_args, load_image_item
 from data.sharded_cache import ShardedCache, ShardedCacheWriter, check_output_dir, map_in_workers
+from model.image.pipeline import load_vae_checkpoint
 from model.text_encoders import BUILTIN_WORDS, DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, load_text_encoder
 from training.distributed import choose_device
-from training.image_diffusion_task import load_vae_checkpoint
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 SHORT_SPLIT = {"train": "train", "validation": "val", "val": "val"}
@@ -182,26 +182,17 @@ def write_latent_cache(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
-    started = time.perf_counter()
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> dict:
+    """write_latent_cache with args.output_dir set to its default when empty."""
     split = "validation" if args.split == "val" else args.split
     args.output_dir = args.output_dir or f"cached_datasets/image_{SHORT_SPLIT.get(split, split)}_diffusion_latents"
-    try:
-        meta = write_latent_cache(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
-    _print_summary(meta, args, time.perf_counter() - started)
-    return 0
+    return write_latent_cache(args)
 
 
-def _print_summary(meta: dict, args, seconds: float) -> None:
+def print_summary(meta: dict, args, seconds: float) -> None:
     counts, text = meta["counts"], meta["text_encoder"]
     split, source = meta["split"], meta["source"]
     where = source.get("image_cache_dir") or source.get("dataset_name") or source.get("input_dir") or \

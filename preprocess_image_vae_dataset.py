@@ -18,11 +18,11 @@ color, size, position, background for builtin:shapes) and meta.json with image_s
 import argparse
 import functools
 import sys
-import time
 
 from tqdm import tqdm
 
 from data.builtin_shapes import MIN_IMAGE_SIZE
+from data.cli import run_preprocessing
 from data.image_sources import (DataSourceError, ImageSource, add_image_source_arguments, image_source_from_args,
                                 load_image_item)
 from data.sharded_cache import ShardedCacheWriter, check_output_dir, map_in_workers
@@ -44,27 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
-    started = time.perf_counter()
-    output_dir = args.output_dir or f"cached_datasets/image_{DEFAULT_SPLIT_NAMES.get(args.split, args.split)}_cached"
-    try:
-        if args.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-        source = image_source_from_args(args, args.split)
-        check_output_dir(output_dir, args.overwrite)
-        meta = write_image_cache(source, output_dir, image_size=args.image_size, num_workers=args.num_workers,
-                                 items_per_shard=args.items_per_shard, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
-    _print_summary(meta, output_dir, time.perf_counter() - started)
-    return 0
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> dict:
+    """Write the image cache the flags describe to args.output_dir (set to its default when empty); returns meta."""
+    split_name = DEFAULT_SPLIT_NAMES.get(args.split, args.split)
+    args.output_dir = output_dir = args.output_dir or f"cached_datasets/image_{split_name}_cached"
+    if args.image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
+    source = image_source_from_args(args, args.split)
+    check_output_dir(output_dir, args.overwrite)
+    return write_image_cache(source, output_dir, image_size=args.image_size, num_workers=args.num_workers,
+                             items_per_shard=args.items_per_shard, overwrite=args.overwrite)
 
 
 def write_image_cache(source: ImageSource, output_dir, *, image_size: int, num_workers: int = 0,
@@ -90,8 +82,8 @@ def write_image_cache(source: ImageSource, output_dir, *, image_size: int, num_w
             "skipped": skipped[:MAX_LISTED_SKIPS]})
 
 
-def _print_summary(meta: dict, output_dir: str, seconds: float) -> None:
-    counts, source = meta["counts"], meta["source"]
+def print_summary(meta: dict, args, seconds: float) -> None:
+    counts, source, output_dir = meta["counts"], meta["source"], args.output_dir
     where = source.get("dataset_name") or source.get("input_dir") or source.get("from_disk")
     print(f"\nImage cache written to {output_dir}")
     print(f"  source   {where} (split {meta['split']})")

@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data.builtin_text import BUILTIN_TEXT_NAME
+from data.cli import run_preprocessing
 from data.text_cache_writer import check_output_dir, write_text_cache
 from data.text_sources import TextSource
 from data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -55,31 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> tuple[dict, float]:
+    """Tokenise the source into args.output_dir; returns meta.json's contents and the seconds the tokenizer took."""
     started = time.perf_counter()
-    try:
-        source = TextSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config, split=args.split,
-                            input_dir=args.input_dir, input_files=tuple(args.input_files or ()) or None,
-                            from_disk=args.from_disk, text_column=args.text_column,
-                            max_documents=args.max_documents, max_chars=args.max_chars)
-        check_output_dir(Path(args.output_dir), args.overwrite)
-        tokenizer, tokenizer_source = _get_tokenizer(args, source)
-        tokenizer_seconds = time.perf_counter() - started
-        with tqdm(source.documents(), desc="tokenising", unit=" docs") as documents:
-            meta = write_text_cache(documents, tokenizer, args.output_dir, source=source.describe(),
-                                    tokenizer_source=tokenizer_source, val_fraction=args.val_fraction,
-                                    shard_tokens=args.shard_tokens, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
-    _print_summary(meta, args.output_dir, tokenizer_seconds, time.perf_counter() - started)
-    return 0
+    source = TextSource(dataset_name=args.dataset_name, dataset_config=args.dataset_config, split=args.split,
+                        input_dir=args.input_dir, input_files=tuple(args.input_files or ()) or None,
+                        from_disk=args.from_disk, text_column=args.text_column,
+                        max_documents=args.max_documents, max_chars=args.max_chars)
+    check_output_dir(Path(args.output_dir), args.overwrite)
+    tokenizer, tokenizer_source = _get_tokenizer(args, source)
+    tokenizer_seconds = time.perf_counter() - started
+    with tqdm(source.documents(), desc="tokenising", unit=" docs") as documents:
+        meta = write_text_cache(documents, tokenizer, args.output_dir, source=source.describe(),
+                                tokenizer_source=tokenizer_source, val_fraction=args.val_fraction,
+                                shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    return meta, tokenizer_seconds
 
 
 def _get_tokenizer(args, source: TextSource):
@@ -93,7 +87,8 @@ def _get_tokenizer(args, source: TextSource):
     return tokenizer, {"trained": "byte-level BPE", "vocab_size_requested": args.vocab_size}
 
 
-def _print_summary(meta: dict, output_dir: str, tokenizer_seconds: float, total_seconds: float) -> None:
+def print_summary(result: tuple[dict, float], args, total_seconds: float) -> None:
+    (meta, tokenizer_seconds), output_dir = result, args.output_dir
     splits = meta["splits"]
     tokens = sum(split["tokens"] for split in splits.values())
     source = meta["source"]

@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import os
 import sys
-import time
 
 import torch
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from tqdm import tqdm
 from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioRecord, AudioSource, Segmenting,
                                 load_segments)
 from data.builtin_speech import BUILTIN_SPEECH_NAME
+from data.cli import run_preprocessing
 from data.sharded_cache import ShardedCacheWriter, map_in_workers
 from model.audio.features import AudioFeatureConfig, log_mel
 
@@ -81,45 +81,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> dict:
+    """Write the vocoder cache the flags describe to args.output_dir (set to its default when empty); returns meta."""
+    args.output_dir = output_dir = args.output_dir or f"cached_datasets/vocoder_{args.split}"
+    dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
+    config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
+    source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split,
+                         input_dir=args.input_dir, from_disk=args.from_disk, audio_column=args.audio_column,
+                         text_column=args.text_column, speaker_column=args.speaker_column,
+                         num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed)
+    features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
+                                  hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
+                                  f_max=args.f_max)
+    segmenting = Segmenting(features.sample_rate, args.segment_seconds, args.min_segment_seconds,
+                            args.silence_db)
+    if segmenting.min_segment_samples <= features.n_fft // 2:
+        raise ValueError(f"--min_segment_seconds {args.min_segment_seconds} gives {segmenting.min_segment_samples} "
+                         f"samples, too few for n_fft {features.n_fft}; raise it")
+    if source.kind == "hub":
+        print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
+              "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small tensors: threads cost more than they give; --num_workers scales
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
-    started = time.perf_counter()
-    output_dir = args.output_dir or f"cached_datasets/vocoder_{args.split}"
-    try:
-        dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
-        config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
-        source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split,
-                             input_dir=args.input_dir, from_disk=args.from_disk, audio_column=args.audio_column,
-                             text_column=args.text_column, speaker_column=args.speaker_column,
-                             num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed)
-        features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
-                                      hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
-                                      f_max=args.f_max)
-        segmenting = Segmenting(features.sample_rate, args.segment_seconds, args.min_segment_seconds,
-                                args.silence_db)
-        if segmenting.min_segment_samples <= features.n_fft // 2:
-            raise ValueError(f"--min_segment_seconds {args.min_segment_seconds} gives {segmenting.min_segment_samples} "
-                             f"samples, too few for n_fft {features.n_fft}; raise it")
-        if source.kind == "hub":
-            print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
-                  "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # many small tensors: threads cost more than they give; --num_workers scales
-        try:
-            meta = write_vocoder_cache(source, features, segmenting, output_dir, num_workers=args.num_workers,
-                                       items_per_shard=args.items_per_shard, overwrite=args.overwrite)
-        finally:
-            torch.set_num_threads(threads)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
-    print_summary(meta, output_dir, time.perf_counter() - started)
-    return 0
+        return write_vocoder_cache(source, features, segmenting, output_dir, num_workers=args.num_workers,
+                                   items_per_shard=args.items_per_shard, overwrite=args.overwrite)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def vocoder_items(record: AudioRecord, segmenting: Segmenting, features: AudioFeatureConfig) -> tuple[list, dict]:
@@ -161,8 +152,8 @@ def write_vocoder_cache(source: AudioSource, features: AudioFeatureConfig, segme
             "speakers": sorted(speakers), "skipped": skipped})
 
 
-def print_summary(meta: dict, output_dir: str, total_seconds: float) -> None:
-    source = meta["source"]
+def print_summary(meta: dict, args, total_seconds: float) -> None:
+    source, output_dir = meta["source"], args.output_dir
     where = source.get("dataset_name") or source.get("input_dir") or source.get("from_disk")
     print(f"\nVocoder cache written to {output_dir}")
     print(f"  source    {where}, split {source['split']}")

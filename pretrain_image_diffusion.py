@@ -24,10 +24,11 @@ grid of samples for --sample_prompts (columns) at each of --sample_guidance_scal
 
 import sys
 
+from data.latent_cache import open_latent_caches
 from model.image.diffusion import build_image_diffusion
+from model.image.pipeline import load_vae_checkpoint
 from training.arguments import build_parser, check_arguments
-from training.image_diffusion_task import (DEFAULT_SAMPLE_PROMPTS, build_image_diffusion_task, load_vae_checkpoint,
-                                           open_latent_caches, resolve_diffusion_config)
+from training.image_diffusion_task import DEFAULT_SAMPLE_PROMPTS, build_image_diffusion_task, resolve_diffusion_config
 from training.cli import run_training
 
 

@@ -20,10 +20,11 @@ reconstructions. Everything lands in runs/RUN_NAME/.
 
 import sys
 
+from data.image_cache import open_image_caches
 from model.image.vae import ImageVAEConfig, build_image_vae
 from training.arguments import build_parser, check_arguments
 from training.distributed import world_size
-from training.image_vae_task import build_image_vae_task, open_image_caches
+from training.image_vae_task import build_image_vae_task
 from training.cli import run_training
 
 LDM_BASE_LEARNING_RATE = 4.5e-6  # per image of the global batch (LDM's scale_lr)

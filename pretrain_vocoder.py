@@ -23,11 +23,12 @@ Then: vocode.py --run_dir runs/RUN_NAME --input in.wav --output out.wav, evaluat
 
 import sys
 
+from data.vocoder_cache import open_vocoder_caches
 from model.audio.vocoders.config import VocoderConfig
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from training.arguments import build_parser, check_arguments
 from training.cli import run_training
-from training.vocoder_task import build_vocoder_task, open_vocoder_caches
+from training.vocoder_task import build_vocoder_task
 
 LOSS_WEIGHTS = ("mel_loss_weight", "stft_loss_weight", "phase_loss_weight", "adversarial_loss_weight",
                 "feature_matching_loss_weight")

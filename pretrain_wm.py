@@ -6,8 +6,8 @@
         --use_gradient_checkpointing --deepspeed_config ds_config_zero-2.json
     python pretrain_wm.py --run_name quick --config tiny --max_steps 200       # plain PyTorch, one process
 
-The model family follows the config: a name containing `recurrent` (or `model_family: recurrent`) selects
-the recurrent-depth LM, anything else the causal LM. A recurrent run logs train/thinking_steps and, at each
+The model family follows the config (model/families.py: select_family): a name containing `recurrent` (or
+`model_family: recurrent`) selects the recurrent-depth LM, anything else the causal LM. A recurrent run logs train/thinking_steps and, at each
 evaluation, the validation loss at the depths of --eval_thinking_steps and under the exit criterion. The
 vocabulary size and special tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
 """
@@ -17,6 +17,7 @@ import sys
 from data.text_cache import TextTokenCache
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model
+from model.families import select_family
 from training.arguments import build_parser, check_arguments
 from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
 from training.cli import run_training
@@ -39,8 +40,7 @@ def parse_args(argv=None):
 def resolve_config(args, cache) -> MegaTransformerConfig:
     """The named config with --set overrides, its vocabulary and special tokens taken from the cache."""
     config = MegaTransformerConfig.from_name(args.config).with_overrides(args.set)
-    if "recurrent" in (config.name or ""):
-        config = config.with_overrides(["model_family=recurrent"])
+    config = config.with_overrides([f"model_family={select_family(config)}"])
     tokens = {"vocab_size": cache.vocab_size, "eos_token_id": cache.eos_token_id,
               "bos_token_id": cache.bos_token_id, "pad_token_id": cache.pad_token_id}
     config = config.with_overrides([f"{key}={'null' if value is None else value}" for key, value in tokens.items()])

@@ -13,7 +13,6 @@ real-time factor (synthesis time / audio duration, after one warm-up call).
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import soundfile
@@ -23,43 +22,22 @@ import torchaudio
 
 from model.audio.features import log_mel
 from model.audio.vocoders.config import VocoderConfig
-from model.audio.vocoders.vocoders import load_vocoder
-from training.checkpoints import list_checkpoints
+from model.pretrained import load_pretrained
+from training.audio_metrics import synthesize
+from training.checkpoints import add_checkpoint_arguments, checkpoint_from_args
+from training.distributed import choose_device
 
-WARM_UP_FRAMES = 16
+TRAINED_BY = "pretrain_vocoder.py"
 SUBTYPES = ("PCM_16", "FLOAT")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_arguments(parser)
+    add_checkpoint_arguments(parser, TRAINED_BY)
     parser.add_argument("--input", required=True, help="an audio file (wav, flac, ...) or a log-mel tensor (.pt)")
     parser.add_argument("--output", required=True, help="the audio file to write (wav)")
     parser.add_argument("--subtype", default="PCM_16", choices=SUBTYPES, help="16-bit integer or 32-bit float")
     return parser
-
-
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    """--run_dir | --checkpoint and --device (shared with evaluate_vocoder.py)."""
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--run_dir", help="a pretrain_vocoder.py run directory: its latest checkpoint is used")
-    where.add_argument("--checkpoint", help="a checkpoint directory (config.yaml + model.safetensors)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-
-
-def checkpoint_path(args) -> Path:
-    """The checkpoint named by --checkpoint, or the newest of --run_dir (FileNotFoundError when there is none)."""
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    checkpoints = list_checkpoints(Path(args.run_dir))
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint-* directory in {args.run_dir}: train one with pretrain_vocoder.py "
-                                "(its --runs_dir/--run_name), or pass --checkpoint DIR")
-    return checkpoints[-1]
-
-
-def choose_device(name) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def read_audio(path: Path, sample_rate: int) -> torch.Tensor:
@@ -107,22 +85,6 @@ def mel_of_audio(waveform: torch.Tensor, config: VocoderConfig) -> torch.Tensor:
     return log_mel(padded[None], config.features)
 
 
-@torch.no_grad()
-def synthesize(vocoder, mel: torch.Tensor, device: torch.device, warm_up: bool = True) -> tuple[torch.Tensor, float]:
-    """mel (1, n_mels, T) → (waveform float32 ((T - 1) * hop,) on the CPU, seconds the synthesis took). warm_up: run
-    the vocoder once on the first frames beforehand, so that first-call costs (kernels, FFT plans) do not count."""
-    mel = mel.to(device)
-    if warm_up:
-        vocoder(mel[..., :WARM_UP_FRAMES])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    waveform, _ = vocoder(mel)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return waveform[0].float().cpu(), time.perf_counter() - started
-
-
 def write_audio(path: Path, waveform: torch.Tensor, sample_rate: int, subtype: str) -> None:
     """waveform (S,) → a wav file; clipped to [-1, 1] (integer samples would wrap around otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +95,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = choose_device(args.device)
-        checkpoint = checkpoint_path(args)
-        vocoder = load_vocoder(checkpoint, device)
+        checkpoint = checkpoint_from_args(args, TRAINED_BY)
+        vocoder = load_pretrained(checkpoint, device, family="vocoder")
         config = vocoder.config
         source = Path(args.input)
         if not source.is_file():

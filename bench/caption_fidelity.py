@@ -48,8 +48,8 @@ from PIL import Image  # noqa: E402
 
 import generate_image  # noqa: E402
 from data.builtin_shapes import PALETTE, ShapeSpec, draw_shape, shape_specs  # noqa: E402
+from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
-from training.image_diffusion_task import load_diffusion_checkpoint, load_vae_checkpoint  # noqa: E402
 
 BORDER_PIXELS = 1
 MIN_CONTRAST = 32.0  # RGB distance (0-255 scale) below which a pixel counts as background

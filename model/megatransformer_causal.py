@@ -4,7 +4,8 @@
     out = model(input_ids, labels=input_ids)      # out.logits (B, T, V), out.loss
     tokens = model.generate(prompt_ids, max_new_tokens=20)
 
-`lookup` names every YAML file in configs/causal/ (gpt2_small, modern_small, moe_small, ...).
+`lookup` maps the name of every YAML file in configs/causal/ (gpt2_small, modern_small, moe_small, ...) to its
+config, parsed when looked up (`lookup.path(name)` is the file).
 """
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatransformer_utils import CONFIG_DIR, MegaTransformerConfig
+from megatransformer_utils import ConfigRegistry, MegaTransformerConfig
 from model.generation import generate
 from model.transformer.attention import KVCache
 from model.transformer.block import TransformerBlock
@@ -23,7 +24,7 @@ from model.transformer.embedding import DecoderEmbedding
 from model.transformer.moe import MixtureOfExperts
 from model.transformer.norms import make_norm
 
-lookup = {path.stem: path for path in sorted((CONFIG_DIR / "causal").glob("*.yaml"))}
+lookup = ConfigRegistry(MegaTransformerConfig, ("causal",))
 
 
 @dataclass

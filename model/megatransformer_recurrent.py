@@ -11,7 +11,7 @@ from a Poisson–log-normal distribution seeded by (depth_seed, step), so every 
 backpropagates through the last `recurrent_backprop_depth` iterations only. Core layer j at iteration i
 caches its keys and values under (layer index of j, i).
 
-`lookup` names every YAML file in configs/recurrent/.
+`lookup` maps the name of every YAML file in configs/recurrent/ to its config, parsed when looked up.
 """
 
 from dataclasses import dataclass, replace
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatransformer_utils import CONFIG_DIR, MegaTransformerConfig
+from megatransformer_utils import ConfigRegistry, MegaTransformerConfig
 from model import generation
 from model.megatransformer_causal import count_parameters, init_weights, shifted_cross_entropy
 from model.recurrent_criteria import iterate_until_exit, make_criterion
@@ -30,7 +30,7 @@ from model.transformer.block import TransformerBlock
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.norms import make_norm
 
-lookup = {path.stem: path for path in sorted((CONFIG_DIR / "recurrent").glob("*.yaml"))}
+lookup = ConfigRegistry(MegaTransformerConfig, ("recurrent",))
 
 
 @dataclass

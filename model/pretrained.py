@@ -1,23 +1,23 @@
-"""Checkpoint directories: `config.yaml` (the resolved MegaTransformerConfig) beside `model.safetensors`."""
+"""Checkpoint directories of every model family: `config.yaml` (the resolved config, whose `model_family` says what
+it builds: model/families.py) beside `model.safetensors` (and `ema.safetensors` for diffusion runs).
+
+    model = load_pretrained("runs/RUN/checkpoint-1000")                        # any family, eval mode
+    vocoder = load_pretrained(checkpoint, "cuda", family="vocoder")           # ValueError for another family
+    dit = load_pretrained(checkpoint, family="image_diffusion", ema=True)     # the EMA weights
+    save_pretrained(model, "runs/example")                                    # written atomically
+"""
 
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_model, save_file
 from torch import nn
 
-from megatransformer_utils import MegaTransformerConfig
-from model.megatransformer_causal import MegaTransformerCausalLM
-from model.megatransformer_recurrent import MegaTransformerRecurrentLM
-
-MODEL_CLASSES = {"causal": MegaTransformerCausalLM, "recurrent": MegaTransformerRecurrentLM}
-
-
-def build_model(config: MegaTransformerConfig) -> nn.Module:
-    """A freshly initialised model of the family the config names."""
-    return MODEL_CLASSES[config.model_family](config)
+from model.diffusion.ema import FILE_NAME as EMA_FILE
+from model.families import FAMILIES, family_of
 
 
 def write_model_files(model: nn.Module, directory: Path) -> None:
@@ -58,17 +58,46 @@ def save_pretrained(model: nn.Module, directory) -> Path:
     return directory
 
 
-def load_pretrained(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The eval-mode model saved in `directory` by save_pretrained (or convert_hf_checkpoint.py)."""
+def read_config(directory):
+    """The config of a checkpoint directory's config.yaml, of the class its family reads (model/families.py)."""
+    path = Path(directory) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint directory holds config.yaml and model.safetensors "
+                                "(written by a pretrain_*.py run as runs/RUN/checkpoint-STEP, by save_pretrained or by "
+                                "convert_hf_checkpoint.py)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys to values")
+    family = family_of(values)
+    return FAMILIES[family].config_class.from_yaml(path)
+
+
+def load_pretrained(directory, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, *,
+                    family: str | tuple | None = None, ema: bool = False, config=None) -> nn.Module:
+    """The eval-mode model of a checkpoint directory, of the family its config.yaml records.
+
+    family: the family (or families) the caller can use: ValueError naming the checkpoint's otherwise.
+    ema: load ema.safetensors (the exponential moving average a diffusion run keeps) instead of model.safetensors.
+    config: the config to build when the directory has no config.yaml (early image VAE checkpoints); by default
+    config.yaml is required. dtype: None keeps the built model's (float32)."""
     directory = Path(directory)
-    config_path, weights_path = directory / "config.yaml", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a checkpoint directory holds config.yaml and model.safetensors "
-                                    "(written by save_pretrained or convert_hf_checkpoint.py)")
-    model = build_model(MegaTransformerConfig.from_yaml(config_path))
-    load_weights(model, weights_path, device)
-    return model.to(device=device, dtype=dtype).eval()
+    config = config if config is not None else read_config(directory)
+    wanted = (family,) if isinstance(family, str) else family
+    if wanted and config.model_family not in wanted:
+        raise ValueError(f"{directory} holds a {config.model_family} model (its config.yaml says so), not a "
+                         f"{' or '.join(wanted)} one: pass a checkpoint of that family")
+    weights_path = directory / (EMA_FILE if ema else "model.safetensors")
+    if not weights_path.is_file():
+        written_by = "a diffusion run with EMA" if ema else "save_pretrained or a pretrain_*.py run"
+        raise FileNotFoundError(f"{weights_path} not found: pass a checkpoint directory written by {written_by} "
+                                "(runs/RUN/checkpoint-STEP)")
+    model_family = FAMILIES[config.model_family]
+    module = model_family.build(config)
+    load_weights(module, weights_path, device)
+    return model_family.unwrap(module).to(device=device, dtype=dtype).eval()
 
 
 def load_weights(model: nn.Module, weights_path: Path, device: str | torch.device = "cpu") -> None:

@@ -22,13 +22,15 @@ import preprocess_image_diffusion_dataset
 import preprocess_image_vae_dataset
 import pretrain_image_diffusion
 import pretrain_image_vae
+from data.latent_cache import collate_latents, open_latent_caches
 from data.sharded_cache import ShardedCache
 from model.image.diffusion import ImageDiffusionConfig, build_image_diffusion
+from model.image.pipeline import load_vae_checkpoint
 from model.image.vae import ImageVAEConfig, build_image_vae
 from model.pretrained import load_weights
 from model.text_encoders import BuiltinWordEncoder
-from training.image_diffusion_task import (EMAState, build_image_diffusion_task, collate_latents, load_vae_checkpoint,
-                                           micro_batch_seed, open_latent_caches, resolve_diffusion_config,
+from training.ema_state import EMAState
+from training.image_diffusion_task import (build_image_diffusion_task, micro_batch_seed, resolve_diffusion_config,
                                            sample_latents)
 from training.loop import RunContext
 from training.task import Image as ImageSample

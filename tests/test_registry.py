@@ -83,9 +83,9 @@ def full_size_model(name: str) -> MegaTransformerCausalLM:
 def test_registry_names_every_causal_yaml():
     assert set(lookup) >= {"gpt2_small", "gpt2_medium", "alibi_small", "modern_small", "modern_medium",
                            "moe_small", "tiny"}
-    for name, path in lookup.items():
-        assert path.is_file() and path.stem == name
-        assert MegaTransformerConfig.from_name(name).model_family == "causal"
+    for name, config in lookup.items():
+        assert lookup.path(name).is_file() and lookup.path(name).stem == name
+        assert config.name == name and config.model_family == "causal"
 
 
 @pytest.mark.parametrize("name", sorted(lookup))

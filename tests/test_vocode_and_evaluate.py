@@ -19,7 +19,7 @@ import vocode
 from data.sharded_cache import ShardedCache
 from evaluate_vocoder import MetricSkipped, pesq_wideband, stoi_score
 from model.audio.features import AudioFeatureConfig, log_mel
-from model.audio.vocoders.vocoders import load_vocoder
+from model.pretrained import load_pretrained
 from test_vocoder_training import FEATURES, HOP, TINY, tone, write_cache
 
 PESQ_MAXIMUM = 4.6439  # wideband MOS-LQO of a clip compared with itself (P.862.2's mapping tops out here)
@@ -64,7 +64,7 @@ def test_vocode_a_stereo_flac_at_another_rate(run_dir, tmp_path, capsys):
     written, _ = soundfile.read(tmp_path / "in.flac", dtype="float32")  # (S, 2), 24-bit
     mono = torchaudio.functional.resample(torch.from_numpy(written).mean(dim=1), 22050, 16000)
     assert rate == 16000 and out.ndim == 1 and len(out) == len(mono)  # the input's duration, at 16 kHz
-    vocoder = load_vocoder(run_dir / "checkpoint-2")
+    vocoder = load_pretrained(run_dir / "checkpoint-2", family="vocoder")
     padded = torch.nn.functional.pad(mono, (0, -len(mono) % HOP))
     with torch.no_grad():
         expected = vocoder(log_mel(padded, FEATURES)[None])[0][0, :len(mono)].clamp(-1, 1)
@@ -83,7 +83,7 @@ def test_vocode_a_saved_mel(run_dir, tmp_path, batched):
     assert info.subtype == "PCM_16" and info.samplerate == 16000 and info.frames == (mel.shape[-1] - 1) * HOP
     out, _ = soundfile.read(tmp_path / "out.wav", dtype="float32")
     with torch.no_grad():
-        expected = load_vocoder(run_dir / "checkpoint-2")(mel[None])[0][0].clamp(-1, 1)
+        expected = load_pretrained(run_dir / "checkpoint-2", family="vocoder")(mel[None])[0][0].clamp(-1, 1)
     torch.testing.assert_close(torch.from_numpy(out), expected, atol=1 / 32767 + 1e-6, rtol=0)  # 16-bit samples
 
 

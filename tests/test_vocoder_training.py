@@ -1,6 +1,6 @@
 """pretrain_vocoder.py on the shared loop: aligned crops that are a pure function of the batch index, the minimum
 segment, bfloat16 losses, spectrogram images, a short run on builtin:speech in which eval/mel_l1 falls (with its
-TensorBoard terms, audio and images, and a checkpoint that load_vocoder reads back), a GAN run whose discriminator
+TensorBoard terms, audio and images, and a checkpoint that load_pretrained reads back), a GAN run whose discriminator
 trains only from its start step, exact resume, a two-rank DeepSpeed ZeRO-2 bf16 GAN run (slow), and clear errors
 for bad input."""
 
@@ -23,12 +23,13 @@ import pretrain_vocoder
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
 from model.audio.criteria import MultiResolutionSTFTLoss
 from model.audio.features import AudioFeatureConfig, log_mel, num_samples
-from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder, load_vocoder, model_config_lookup
+from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder, model_config_lookup
+from model.pretrained import load_pretrained
 from training.audio_samples import SEPARATOR_ROWS, mel_image
 from training.loop import RunContext
 from training.task import Audio
-from training.vocoder_task import (SegmentBatches, build_vocoder_task, crop_segment, min_segment_frames,
-                                   reconstruction_metrics)
+from training.audio_metrics import reconstruction_metrics
+from training.vocoder_task import build_vocoder_task, min_segment_frames
 from two_ranks import run_two_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,53 +82,7 @@ def scalars(accumulator: EventAccumulator, tag: str) -> dict[int, float]:
     return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
-# ----- crops, batches, segment length, precision, images (no espeak needed) -----
-
-def test_crop_pairs_mel_frames_with_the_samples_they_generate():
-    waveform = tone(1.0, seed=0)
-    item = {"waveform": waveform, "mel": log_mel(waveform, FEATURES)}
-    first, frames = 7, 20
-    mel, crop = crop_segment(item, first, frames, FEATURES)
-    assert mel.shape == (80, frames) and crop.shape == (num_samples(frames, FEATURES),)
-    torch.testing.assert_close(crop, waveform[first * HOP:(first + frames - 1) * HOP], rtol=0, atol=0)
-    # the frames whose whole window lies inside the crop are the crop's own log-mel frames (centred framing)
-    edge = FEATURES.n_fft // 2 // HOP
-    own = log_mel(crop, FEATURES)
-    torch.testing.assert_close(mel[:, edge:frames - edge], own[:, edge:frames - edge], atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="does not fit"):
-        crop_segment(item, item["mel"].shape[-1] - frames + 1, frames, FEATURES)
-
-
-def test_a_clip_shorter_than_a_segment_is_zero_padded():
-    waveform = tone(0.1, seed=1)  # 1600 samples: 7 frames
-    mel, crop = crop_segment({"waveform": waveform, "mel": log_mel(waveform, FEATURES)}, 0, 20, FEATURES)
-    assert crop.shape == (19 * HOP,)
-    torch.testing.assert_close(crop[:1600], waveform, rtol=0, atol=0)
-    assert not crop[1600:].any()
-    torch.testing.assert_close(mel, log_mel(crop, FEATURES))
-
-
-def test_segment_batches_are_a_pure_function_of_the_index(tmp_path):
-    ramps = [torch.arange(12000 + 1000 * k, dtype=torch.float32) for k in range(5)]  # sample value = its index
-    cache = write_cache(tmp_path / "cache", [ramp / 20000 for ramp in ramps])
-    frames = 10
-
-    def batches(rank=0):
-        return SegmentBatches(cache, 2, frames, FEATURES, seed=5, rank=rank, world_size=2)
-
-    first, again = batches(), batches()
-    starts = set()
-    for i in range(6):
-        batch = first.batch(i)
-        assert batch["mel"].shape == (2, 80, frames) and batch["waveform"].shape == (2, (frames - 1) * HOP)
-        torch.testing.assert_close(batch, again.batch(i), rtol=0, atol=0)
-        for waveform in batch["waveform"]:
-            start = round(float(waveform[0]) * 20000)
-            assert start % HOP == 0  # crops start on a frame
-            starts.add(start)
-    assert len(starts) > 3  # the offsets are drawn, not fixed
-    assert not torch.equal(first.batch(0)["waveform"], batches(rank=1).batch(0)["waveform"])
-
+# ----- segment length, precision, images (no espeak needed; crops and batches: test_vocoder_cache.py) -----
 
 def test_min_segment_frames_is_what_the_losses_need():
     model = VocoderWithLoss(build_vocoder(model_config_lookup[TINY]))
@@ -204,11 +159,6 @@ def test_mel_image_puts_low_frequencies_at_the_bottom_on_one_scale():
     torch.testing.assert_close(pixels[:, 82 + 40, 11], bottom)  # the shorter spectrogram padded at the floor
     with pytest.raises(ValueError, match="same n_mels"):
         mel_image([reference, torch.zeros(64, 12)], floor)
-
-
-def test_load_vocoder_needs_both_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.yaml and model.safetensors"):
-        load_vocoder(tmp_path)
 
 
 # ----- runs on builtin:speech -----
@@ -293,10 +243,10 @@ def test_tensorboard_terms_audio_and_images(learning_run, speech_caches):
 
 @needs_espeak
 def test_checkpoint_holds_the_trained_vocoder(learning_run, speech_caches):
-    """load_vocoder reads back the vocoder whose eval/mel_l1 the run logged at its last step."""
+    """load_pretrained reads back the vocoder whose eval/mel_l1 the run logged at its last step."""
     checkpoint = learning_run / f"checkpoint-{LEARNING_STEPS}"
     saved = load_file(checkpoint / "model.safetensors")
-    vocoder = load_vocoder(checkpoint)
+    vocoder = load_pretrained(checkpoint, family="vocoder")
     assert saved.keys() == {f"vocoder.{name}" for name in vocoder.state_dict()}  # the vocoder, nothing else
     val = ShardedCache(speech_caches[1])
     config = vocoder.config
@@ -399,7 +349,7 @@ def test_deepspeed_zero2_two_ranks_bf16_gan(speech_caches, tmp_path):
     assert sorted(scalars(accumulator, "train/discriminator/loss")) == [2, 3]
     assert sorted(scalars(accumulator, "train/adversarial")) == [2, 3]
     assert all(math.isfinite(scalars(accumulator, f"eval/{name}")[3]) for name in ("mel_l1", "mrstft"))
-    vocoder = load_vocoder(checkpoint)
+    vocoder = load_pretrained(checkpoint, family="vocoder")
     assert all(parameter.dtype == torch.float32 for parameter in vocoder.parameters())
     with torch.no_grad():
         waveform, _ = vocoder(ShardedCache(speech_caches[1])[0]["mel"][None])

@@ -78,6 +78,26 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
     return path
 
 
+def add_checkpoint_arguments(parser, trained_by: str) -> None:
+    """--run_dir | --checkpoint (one of them required) and --device, for a script that uses a model trained by
+    `trained_by` (e.g. pretrain_vocoder.py); checkpoint_from_args reads them."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run_dir", help=f"a {trained_by} run directory: its latest checkpoint is used")
+    where.add_argument("--checkpoint", help="a checkpoint directory (config.yaml + model.safetensors)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+
+def checkpoint_from_args(args, trained_by: str) -> Path:
+    """The checkpoint named by --checkpoint, or the newest of --run_dir (FileNotFoundError when there is none)."""
+    if args.checkpoint:
+        return Path(args.checkpoint)
+    checkpoints = list_checkpoints(Path(args.run_dir))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoint-* directory in {args.run_dir}: train one with {trained_by} "
+                                "(its --runs_dir/--run_name), or pass --checkpoint DIR")
+    return checkpoints[-1]
+
+
 def save_checkpoint(run_dir: Path, step: int, engines: Engines, trainer_state: dict, keep: int) -> Path:
     """Write checkpoint-STEP atomically (every rank must call this) and keep only the newest `keep`."""
     final = run_dir / f"checkpoint-{step}"

@@ -1,53 +1,46 @@
 """The image latent-diffusion task for the shared loop: a DiT denoising cached image-VAE latents (written by
 preprocess_image_diffusion_dataset.py), conditioned on cached text embeddings.
 
-    train_cache, val_cache = open_latent_caches(train_dir, val_dir)
+    train_cache, val_cache = open_latent_caches(train_dir, val_dir)                  # data/latent_cache.py
     config = resolve_diffusion_config("small_dit", ["depth=8"], train_cache)
-    vae, _ = load_vae_checkpoint("runs/image_vae_run/checkpoint-5000", device=context.device)
+    vae, _ = load_vae_checkpoint("runs/image_vae_run/checkpoint-5000", device=context.device)   # model/image/pipeline.py
     task = build_image_diffusion_task(DiT(config), config, train_cache, val_cache, vae, args, context)
 
-A cache item holds the VAE posterior of one image (latent_mean, latent_logvar: (C, h, w)), its caption's text
-embeddings (text_emb: (L_i, D), real tokens only) and caption. Each micro-batch i samples its latents from the
-stored posteriors, scales them by the train cache's latent_scale_factor (unit variance) and noises them, all with
+Each micro-batch i (collated by data/latent_cache.py) samples its latents from the stored VAE posteriors, scales them by the train cache's latent_scale_factor (unit variance) and noises them, all with
 a generator seeded by (seed, rank, i): a resumed run draws the same numbers. The loss is model/diffusion's
 diffusion_loss (min-SNR weighting, condition dropout); the DiT casts its inputs to its weights' dtype, so the
 bfloat16 weights of DeepSpeed's bf16 work as float32 ones do.
 
-EMA weights (float32, outside the module, which DeepSpeed may cast to bfloat16) update after every optimizer step.
-Each checkpoint gets ema.safetensors (loadable into the same DiT with model.pretrained.load_weights) and
-diffusion_meta.json: the VAE checkpoint, latent scale factor and text encoder that generate_image.py needs.
+EMA weights (float32, outside the module, which DeepSpeed may cast to bfloat16) update after every optimizer step
+(training/ema_state.py). Each checkpoint gets ema.safetensors (model.pretrained.load_pretrained(dir, ema=True)) and
+diffusion_meta.json: the VAE checkpoint, latent scale factor and text encoder that generate_image.py needs
+(model/image/pipeline.py reads both).
 Evaluation: eval/loss and eval/mse (raw weights) and eval/ema_loss on fixed validation items with fixed noise.
 Samples: one grid per --generation_steps, rows = guidance scales, columns = prompts, sampled with EMA weights
 from fixed noise and decoded by the VAE.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from data.cached_batches import CachedBatches, fixed_items
+from data.latent_cache import collate_latents
 from data.sharded_cache import ShardedCache
-from model.diffusion import EMA, diffusion_loss, sample
-from model.diffusion.dit import DiT
-from model.image.diffusion import ImageDiffusionConfig, build_image_diffusion
-from model.image.vae import ImageVAE, ImageVAEConfig, build_image_vae
-from model.pretrained import load_weights
+from model.diffusion import EMA, diffusion_loss
+from model.image.diffusion import ImageDiffusionConfig
+from model.image.pipeline import DIFFUSION_META, sample_grid
+from model.image.vae import ImageVAE
 from model.text_encoders import text_encoder_from_description
+from training.ema_state import EMAState
 from training.loop import evaluate_means
 from training.task import Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)
 
-MADE_BY = "preprocess_image_diffusion_dataset.py"
-DIFFUSION_META = "diffusion_meta.json"
-EMA_FILE = "ema.safetensors"
-TRAIN_OPEN_SHARDS = 8
-EVAL_SEED, SAMPLE_SEED = 1234, 0
+EVAL_SEED = 1234
 # from the cache: field of the DiT config -> what it must equal
 DATA_KEYS = ("latent_channels", "latent_height", "latent_width", "text_embed_dim")
 DEFAULT_SAMPLE_PROMPTS = ("a large red circle in the center on a white background",
@@ -56,54 +49,7 @@ DEFAULT_SAMPLE_PROMPTS = ("a large red circle in the center on a white backgroun
                           "large purple star on the right, white background")
 
 
-# ----- the VAE -----
-
-def load_vae_checkpoint(directory, fallback_config: str | None = None,
-                        device: torch.device | str = "cpu") -> tuple[ImageVAE, list[str]]:
-    """The eval-mode float32 VAE of a checkpoint directory (model.safetensors, config.yaml) and the differences
-    between its recorded config.yaml and `fallback_config` (a name in configs/image_vae/ or a YAML path), which is
-    used only where the checkpoint records none: ["key: checkpoint X, --vae_config Y", ...], empty if they agree."""
-    directory = Path(directory)
-    weights = directory / "model.safetensors"
-    if not weights.is_file():
-        what = "does not exist" if not directory.exists() else "has no model.safetensors"
-        raise FileNotFoundError(f"VAE checkpoint {directory} {what}: pass --vae_checkpoint a checkpoint directory "
-                                "written by pretrain_image_vae.py (runs/RUN/checkpoint-STEP)")
-    given = ImageVAEConfig.from_name(fallback_config) if fallback_config else None
-    mismatch = []
-    if (directory / "config.yaml").is_file():
-        config = ImageVAEConfig.from_yaml(directory / "config.yaml")
-        if given is not None:
-            recorded, named = config.to_dict(), given.to_dict()
-            mismatch = [f"{key}: checkpoint {recorded[key]!r}, --vae_config {named[key]!r}" for key in recorded
-                        if key != "name" and recorded[key] != named[key]]
-    elif given is not None:
-        config = given
-    else:
-        raise ValueError(f"VAE checkpoint {directory} has no config.yaml: name its architecture with --vae_config "
-                         "(a config in configs/image_vae/ or a YAML path)")
-    vae = build_image_vae(config)
-    load_weights(vae, weights)
-    return vae.to(device).eval().requires_grad_(False), mismatch
-
-
-# ----- caches and config -----
-
-def open_latent_caches(train_dir, val_dir) -> tuple[ShardedCache, ShardedCache]:
-    """The train and validation latent caches, checked to hold latents of the same VAE and text encoder."""
-    train = ShardedCache(train_dir, made_by=f"{MADE_BY} --split train", open_shards=TRAIN_OPEN_SHARDS)
-    val = ShardedCache(val_dir, made_by=f"{MADE_BY} --split validation")
-    for cache in (train, val):
-        if "latent_shape" not in cache.meta:
-            raise ValueError(f"{cache.directory} is not a latent cache (its meta.json has no latent_shape): write "
-                             f"it with {MADE_BY}")
-    for key in ("latent_shape", "text_encoder", "vae_checkpoint"):
-        if train.meta[key] != val.meta[key]:
-            raise ValueError(f"the train cache {train.directory} and the validation cache {val.directory} differ in "
-                             f"{key} ({train.meta[key]} vs {val.meta[key]}): write both with the same {MADE_BY} "
-                             "--vae_checkpoint and --text_encoder")
-    return train, val
-
+# ----- config and noise -----
 
 def resolve_diffusion_config(name: str, overrides: list[str], cache: ShardedCache) -> ImageDiffusionConfig:
     """The named config with --set overrides, its latent grid and text width taken from the cache (ValueError
@@ -124,20 +70,6 @@ def resolve_diffusion_config(name: str, overrides: list[str], cache: ShardedCach
             raise
         raise ValueError(f"{error}: the latent grid {height}x{width} comes from {cache.directory}; pick a patch_size "
                          "that divides it, or write the cache from images of another --image_size") from None
-
-
-def collate_latents(items: list[dict]) -> dict:
-    """Cache items -> {"latent_mean", "latent_logvar": (B, C, h, w) float32, "text_emb": (B, L, D) float32
-    right-padded with zeros, "text_mask": (B, L) bool}."""
-    lengths = [item["text_emb"].shape[0] for item in items]
-    text = torch.zeros(len(items), max(lengths), items[0]["text_emb"].shape[1])
-    mask = torch.zeros(len(items), max(lengths), dtype=torch.bool)
-    for row, (item, length) in enumerate(zip(items, lengths)):
-        text[row, :length] = item["text_emb"].float()
-        mask[row, :length] = True
-    return {"latent_mean": torch.stack([item["latent_mean"].float() for item in items]),
-            "latent_logvar": torch.stack([item["latent_logvar"].float() for item in items]),
-            "text_emb": text, "text_mask": mask}
 
 
 def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator) -> torch.Tensor:
@@ -162,65 +94,6 @@ class _Denoiser:
         return self.forward(*args, **kwargs)
 
 
-class EMAState:
-    """The EMA weights as the loop's after_step and extra_state; each checkpoint also gets diffusion_meta.json."""
-
-    def __init__(self, ema: EMA, run_meta: dict):
-        self.ema, self.run_meta = ema, run_meta
-
-    def after_step(self, model, step: int) -> None:
-        self.ema.update(model)
-
-    def save(self, directory: Path) -> None:
-        shadow = {name: tensor.detach().cpu().contiguous() for name, tensor in self.ema.shadow.items()}
-        metadata = {"decay": repr(self.ema.decay), "warmup": str(self.ema.warmup),
-                    "num_updates": str(self.ema.num_updates)}
-        save_file(shadow, str(Path(directory) / EMA_FILE), metadata=metadata)
-        (Path(directory) / DIFFUSION_META).write_text(json.dumps(self.run_meta, indent=2) + "\n")
-
-    def load(self, directory: Path) -> None:
-        path = Path(directory) / EMA_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} has no {EMA_FILE}: resume from a checkpoint of "
-                                    "pretrain_image_diffusion.py")
-        with safe_open(str(path), framework="pt") as opened:
-            metadata = opened.metadata()
-        self.ema.load_state_dict({"decay": float(metadata["decay"]), "warmup": metadata["warmup"] == "True",
-                                  "num_updates": int(metadata["num_updates"]), "shadow": load_file(str(path))})
-
-
-def load_diffusion_checkpoint(checkpoint, use_ema: bool = True,
-                              device: torch.device | str = "cpu") -> tuple[DiT, dict]:
-    """The eval-mode DiT of a pretrain_image_diffusion.py checkpoint (its EMA weights, or the trained ones) and
-    the checkpoint's diffusion_meta.json (VAE checkpoint, latent scale factor, text encoder)."""
-    checkpoint = Path(checkpoint)
-    files = ("config.yaml", EMA_FILE if use_ema else "model.safetensors", DIFFUSION_META)
-    missing = [name for name in files if not (checkpoint / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{checkpoint} has no {', '.join(missing)}: pass a checkpoint directory written by "
-                                "pretrain_image_diffusion.py (runs/RUN_NAME/checkpoint-STEP)")
-    model = build_image_diffusion(ImageDiffusionConfig.from_yaml(checkpoint / "config.yaml"))
-    load_weights(model, checkpoint / files[1])
-    meta = json.loads((checkpoint / DIFFUSION_META).read_text())
-    return model.to(device).eval().requires_grad_(False), meta
-
-
-def sample_grid(model, vae: ImageVAE, text_emb: torch.Tensor, text_mask: torch.Tensor, scale_factor: float,
-                guidance_scales, steps: int | None, seed: int = SAMPLE_SEED) -> torch.Tensor:
-    """Decoded samples for P prompts (text_emb: (P, L, D), text_mask: (P, L)) at each guidance scale, from the same
-    noise: (3, G * H, P * W) float32 in [0, 1], one row per guidance scale."""
-    config, device = model.config, text_emb.device
-    shape = (text_emb.shape[0], config.latent_channels, config.latent_height, config.latent_width)
-    rows = []
-    for guidance_scale in guidance_scales:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        latents = sample(model, shape, text_emb, text_mask, guidance_scale=guidance_scale, steps=steps,
-                         generator=generator)
-        images = vae.decode(latents / scale_factor).float().clamp(-1, 1)
-        rows.append(torch.cat(list(images), dim=-1))
-    return (torch.cat(rows, dim=-2) + 1) / 2
-
-
 def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache: ShardedCache,
                                val_cache: ShardedCache, vae: ImageVAE, args, context) -> TrainingTask:
     """The TrainingTask. args: batch_size, seed, eval_batches, eval_steps, generation_steps (default eval_steps),
@@ -239,7 +112,8 @@ def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache:
         "made_by": "pretrain_image_diffusion.py", "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()),
         "vae_config": vae.config.to_dict(), "latent_scale_factor": scale_factor,
         "latent_shape": train_cache.meta["latent_shape"], "image_size": train_cache.meta["image_size"],
-        "text_encoder": train_cache.meta["text_encoder"], "train_data_dir": str(Path(train_cache.directory).resolve())})
+        "text_encoder": train_cache.meta["text_encoder"], "train_data_dir": str(Path(train_cache.directory).resolve())},
+        DIFFUSION_META)
 
     def train_batch(i: int) -> dict:
         return {**train.batch(i), "index": torch.tensor(i)}

@@ -100,10 +100,10 @@ class EMA:
 
     def save(self, directory) -> Path:
         """Write the shadow weights to directory/ema.safetensors, keyed like the model's parameters (so
-        model.pretrained.load_weights loads them into a model), with decay, warmup and num_updates as metadata."""
+        model.pretrained.load_pretrained(directory, ema=True) loads them), with decay, warmup and num_updates as metadata."""
         path = Path(directory) / FILE_NAME
         metadata = {"decay": repr(self.decay), "warmup": str(self.warmup), "num_updates": str(self.num_updates)}
-        save_file({name: tensor.contiguous() for name, tensor in self.shadow.items()}, str(path), metadata=metadata)
+        save_file({name: tensor.cpu().contiguous() for name, tensor in self.shadow.items()}, str(path), metadata=metadata)
         return path
 
     def load(self, directory) -> None:

@@ -34,7 +34,7 @@ class ImageDiffusionConfig(DiffusionConfig):
                              f"divisible by the patch {self.patch_height}x{self.patch_size}")
 
 
-model_config_lookup = {name: ImageDiffusionConfig.from_name(name) for name in ImageDiffusionConfig.available_names()}
+model_config_lookup = ImageDiffusionConfig.registry()  # name → config, parsed when looked up
 
 
 def build_image_diffusion(config: ImageDiffusionConfig) -> DiT:

@@ -84,7 +84,7 @@ class ImageVAEConfig(YamlConfig):
             raise ValueError(f"config key 'adaptive_weight_max' must be positive, got {self.adaptive_weight_max}")
 
 
-model_config_lookup = {name: ImageVAEConfig.from_name(name) for name in ImageVAEConfig.available_names()}
+model_config_lookup = ImageVAEConfig.registry()  # name → config, parsed when looked up
 
 
 def build_image_vae(config: ImageVAEConfig | str) -> "ImageVAE":

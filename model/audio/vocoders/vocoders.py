@@ -2,7 +2,7 @@
 
     config = model_config_lookup["tiny_lightheaded_freq_domain_vocoder"]   # configs/vocoder/<name>.yaml
     model = VocoderWithLoss(build_vocoder(config))     # mel (B, 80, T) → waveform (B, (T - 1) * 256)
-    vocoder = load_vocoder("runs/RUN/checkpoint-1000", "cuda")   # a trained one (pretrain_vocoder.py)
+    vocoder = load_pretrained("runs/RUN/checkpoint-1000", "cuda", family="vocoder")   # model.pretrained
     discriminator = build_discriminator(config)
     out = model(mel, waveform)                         # out.waveform, out.stft, out.losses["total"], ...
     # discriminator step
@@ -14,8 +14,6 @@
     (out.losses["total"] + gan["total"]).backward()
 """
 
-from collections.abc import Mapping
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -31,7 +29,6 @@ from model.audio.vocoders.base import (FrequencyDomainVocoder, FrequencyDomainVo
                                        LightHeadedFrequencyDomainVocoder, SplitBandFrequencyDomainVocoder,
                                        VocoderPrediction)
 from model.audio.vocoders.config import VocoderConfig
-from model.pretrained import load_weights
 
 VOCODER_CLASSES = {
     "freq_domain": FrequencyDomainVocoder,
@@ -39,24 +36,7 @@ VOCODER_CLASSES = {
     "splitband": SplitBandFrequencyDomainVocoder,
 }
 
-
-class _ConfigLookup(Mapping):
-    """Registry name → a freshly loaded VocoderConfig from configs/vocoder/<name>.yaml."""
-
-    def __getitem__(self, name: str) -> VocoderConfig:
-        return VocoderConfig.from_name(name)  # an unknown name is a ValueError listing the available ones
-
-    def __contains__(self, name) -> bool:
-        return name in VocoderConfig.available_names()
-
-    def __iter__(self):
-        return iter(VocoderConfig.available_names())
-
-    def __len__(self) -> int:
-        return len(VocoderConfig.available_names())
-
-
-model_config_lookup = _ConfigLookup()
+model_config_lookup = VocoderConfig.registry()  # name → config, parsed when looked up
 
 
 def build_vocoder(config: VocoderConfig | str) -> FrequencyDomainVocoderBase:
@@ -152,17 +132,3 @@ class VocoderWithLoss(nn.Module):
     def discriminator_loss(self, real_logits: list, fake_logits: list) -> torch.Tensor:
         """The discriminator's loss (config.adversarial_loss) on real and generated (detached) audio."""
         return discriminator_adversarial_loss(real_logits, fake_logits, self.config.adversarial_loss)
-
-
-def load_vocoder(checkpoint_dir, device: str | torch.device = "cpu") -> FrequencyDomainVocoderBase:
-    """The eval-mode float32 vocoder of a checkpoint directory written by pretrain_vocoder.py: config.yaml (a
-    VocoderConfig) and model.safetensors (the state dict of VocoderWithLoss, i.e. the vocoder's under `vocoder.`)."""
-    directory = Path(checkpoint_dir)
-    config_path, weights_path = directory / "config.yaml", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a vocoder checkpoint directory (runs/RUN/checkpoint-STEP, "
-                                    "written by pretrain_vocoder.py) holds config.yaml and model.safetensors")
-    model = VocoderWithLoss(build_vocoder(VocoderConfig.from_yaml(config_path)))
-    load_weights(model, weights_path, device)
-    return model.vocoder.to(device=device, dtype=torch.float32).eval()

@@ -1,0 +1,77 @@
+"""Text-to-image with a trained DiT: its checkpoint (EMA weights and the run's diffusion_meta.json), the image VAE
+that decodes its latents, and a grid of samples.
+
+    model, meta = load_diffusion_checkpoint("runs/RUN/checkpoint-5000", device="cuda")    # EMA weights
+    vae, _ = load_vae_checkpoint(meta["vae_checkpoint"], device="cuda")
+    grid = sample_grid(model, vae, text_emb, text_mask, meta["latent_scale_factor"], [1.0, 4.0], steps=50)
+
+A checkpoint of pretrain_image_diffusion.py holds config.yaml, model.safetensors, ema.safetensors and
+diffusion_meta.json: the VAE checkpoint, latent scale factor and text encoder the run used.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.diffusion import sample
+from model.diffusion.dit import DiT
+from model.image.vae import ImageVAE, ImageVAEConfig
+from model.pretrained import load_pretrained
+
+DIFFUSION_META = "diffusion_meta.json"
+SAMPLE_SEED = 0
+
+
+def load_vae_checkpoint(directory, fallback_config: str | None = None,
+                        device: torch.device | str = "cpu") -> tuple[ImageVAE, list[str]]:
+    """The eval-mode float32 VAE of a checkpoint directory (model.safetensors, config.yaml) and the differences
+    between its recorded config.yaml and `fallback_config` (a name in configs/image_vae/ or a YAML path), which is
+    used only where the checkpoint records none: ["key: checkpoint X, --vae_config Y", ...], empty if they agree."""
+    directory = Path(directory)
+    if not (directory / "model.safetensors").is_file():
+        what = "does not exist" if not directory.exists() else "has no model.safetensors"
+        raise FileNotFoundError(f"VAE checkpoint {directory} {what}: pass --vae_checkpoint a checkpoint directory "
+                                "written by pretrain_image_vae.py (runs/RUN/checkpoint-STEP)")
+    given = ImageVAEConfig.from_name(fallback_config) if fallback_config else None
+    mismatch, config = [], None
+    if (directory / "config.yaml").is_file():
+        if given is not None:
+            recorded, named = ImageVAEConfig.from_yaml(directory / "config.yaml").to_dict(), given.to_dict()
+            mismatch = [f"{key}: checkpoint {recorded[key]!r}, --vae_config {named[key]!r}" for key in recorded
+                        if key != "name" and recorded[key] != named[key]]
+    elif given is not None:
+        config = given
+    else:
+        raise ValueError(f"VAE checkpoint {directory} has no config.yaml: name its architecture with --vae_config "
+                         "(a config in configs/image_vae/ or a YAML path)")
+    vae = load_pretrained(directory, device, family="image_vae", config=config)
+    return vae.requires_grad_(False), mismatch
+
+
+def load_diffusion_checkpoint(checkpoint, use_ema: bool = True,
+                              device: torch.device | str = "cpu") -> tuple[DiT, dict]:
+    """The eval-mode DiT of a pretrain_image_diffusion.py checkpoint (its EMA weights, or the trained ones) and
+    the checkpoint's diffusion_meta.json (VAE checkpoint, latent scale factor, text encoder)."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / DIFFUSION_META).is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {DIFFUSION_META}: pass a checkpoint directory written by "
+                                "pretrain_image_diffusion.py (runs/RUN_NAME/checkpoint-STEP)")
+    model = load_pretrained(checkpoint, device, family="image_diffusion", ema=use_ema)
+    return model.requires_grad_(False), json.loads((checkpoint / DIFFUSION_META).read_text())
+
+
+def sample_grid(model, vae: ImageVAE, text_emb: torch.Tensor, text_mask: torch.Tensor, scale_factor: float,
+                guidance_scales, steps: int | None, seed: int = SAMPLE_SEED) -> torch.Tensor:
+    """Decoded samples for P prompts (text_emb: (P, L, D), text_mask: (P, L)) at each guidance scale, from the same
+    noise: (3, G * H, P * W) float32 in [0, 1], one row per guidance scale."""
+    config, device = model.config, text_emb.device
+    shape = (text_emb.shape[0], config.latent_channels, config.latent_height, config.latent_width)
+    rows = []
+    for guidance_scale in guidance_scales:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        latents = sample(model, shape, text_emb, text_mask, guidance_scale=guidance_scale, steps=steps,
+                         generator=generator)
+        images = vae.decode(latents / scale_factor).float().clamp(-1, 1)
+        rows.append(torch.cat(list(images), dim=-1))
+    return (torch.cat(rows, dim=-2) + 1) / 2
