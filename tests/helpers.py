@@ -1,0 +1,103 @@
+"""What several test files share: reading a run's TensorBoard events and checkpoints, comparing weights, counting
+module calls, and a DiT with non-zero outputs. (The DeepSpeed launcher is tests/two_ranks.py.)"""
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+# The files a DeepSpeed checkpoint of a two-rank run holds (GAN runs add discriminator/deepspeed and
+# discriminator/model.safetensors)
+DEEPSPEED_CHECKPOINT_FILES = ("deepspeed", "rng_state_0.pt", "rng_state_1.pt", "model.safetensors", "config.yaml")
+GAN_CHECKPOINT_FILES = ("discriminator/deepspeed", "discriminator/model.safetensors")
+
+
+# ----- TensorBoard events -----
+
+def events(path: Path) -> EventAccumulator:
+    """Everything logged in `path`: one event file, or a run directory (all its event files)."""
+    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "images": 0, "audio": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def event_files(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob("events.out.tfevents.*"))
+
+
+def only_events(run_dir: Path) -> EventAccumulator:
+    """The events of a run directory that holds exactly one event file (one uninterrupted run)."""
+    files = event_files(run_dir)
+    assert len(files) == 1, files
+    return events(files[0])
+
+
+def scalars(accumulator: EventAccumulator, tag: str) -> dict[int, float]:
+    return {event.step: event.value for event in accumulator.Scalars(tag)}
+
+
+# ----- checkpoints and weights -----
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(path.name for path in Path(run_dir).iterdir() if "checkpoint-" in path.name)
+
+
+def trainer_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def checkpoint_weights(run_dir: Path, step: int, network: str = "") -> dict[str, torch.Tensor]:
+    """The weights of checkpoint-STEP (network: "" for the model, "discriminator" for a GAN's adversary)."""
+    return load_file(Path(run_dir) / f"checkpoint-{step}" / network / "model.safetensors")
+
+
+def differs(a: dict, b: dict) -> bool:
+    """Whether two state dicts with the same names differ anywhere."""
+    assert a.keys() == b.keys()
+    return any(not torch.equal(a[name], b[name]) for name in a)
+
+
+def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """Two state dicts hold the same names and (within rtol/atol; exactly by default) the same tensors."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
+
+
+# ----- models -----
+
+@contextlib.contextmanager
+def count_calls(modules):
+    """{index in `modules`: calls of that module} while inside the block (`with count_calls(model.blocks) as calls:`).
+    Counted by forward pre-hooks: a checkpointed module's recomputation stops as soon as it has what the backward
+    pass needs, before its forward (post-)hooks would run."""
+    calls = {index: 0 for index in range(len(modules))}
+
+    def hook(index):
+        def count(module, inputs):
+            calls[index] += 1
+        return count
+
+    handles = [module.register_forward_pre_hook(hook(index)) for index, module in enumerate(modules)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def perturbed_dit(config, seed: int = 0) -> nn.Module:
+    """A DiT of `config` whose zero-initialised layers are given small random weights, so its output is not zero
+    and every path affects it (eval mode)."""
+    from model.diffusion import DiT
+
+    torch.manual_seed(seed)
+    model = DiT(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model.eval()
