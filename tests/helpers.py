@@ -1,5 +1,6 @@
-"""What several test files share: reading a run's TensorBoard events and checkpoints, comparing weights, counting
-module calls, and a DiT with non-zero outputs. (The DeepSpeed launcher is tests/two_ranks.py.)"""
+"""What several test files share: reading a run's TensorBoard events and checkpoints, comparing weights, a tiny
+task and flags for driving the training loop directly, counting module calls, and a DiT with non-zero outputs.
+(The DeepSpeed launcher is tests/two_ranks.py.)"""
 
 import contextlib
 import json
@@ -68,6 +69,45 @@ def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) 
         torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
 
 
+# ----- the training loop, driven directly -----
+
+def loop_args(tmp_path: Path, run_name: str, *extra):
+    """The shared flags, parsed and checked: a CPU run of 4 steps into tmp_path/run_name, logging every step."""
+    from training.arguments import build_parser, check_arguments
+
+    args = build_parser("x").parse_args(["--run_name", run_name, "--runs_dir", str(tmp_path), "--device", "cpu",
+                                         "--max_steps", "4", "--logging_steps", "1", "--save_steps", "100",
+                                         "--no_progress_bar", *map(str, extra)])
+    check_arguments(args)
+    return args
+
+
+def tiny_lm_task(nan_micro_batches=()):
+    """A TrainingTask: a 2-layer LM (the same initial weights each time) on random ids (2, 16), whose loss is NaN
+    (still attached to the graph) at the micro-batch indices in `nan_micro_batches`."""
+    from megatransformer_utils import MegaTransformerConfig
+    from model import build_model
+    from training.task import TrainingTask
+
+    config = MegaTransformerConfig.from_name("tiny").with_overrides(
+        ["vocab_size=64", "hidden_size=32", "n_layers=2", "n_heads=2", "n_query_groups=1", "intermediate_size=64",
+         "max_position_embeddings=32"])
+    torch.manual_seed(0)
+    model = build_model(config)
+
+    def train_batch(i: int) -> dict:
+        generator = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(0, 64, (2, 16), generator=generator),
+                "poison": torch.tensor(i in nan_micro_batches)}
+
+    def loss(model, batch, step):
+        value = model(batch["input_ids"], labels=batch["input_ids"]).loss
+        return value * float("nan") if batch["poison"] else value
+
+    return TrainingTask(model=model, config=config, train_batch=train_batch, loss=loss,
+                        batch_size=lambda batch: batch["input_ids"].numel())
+
+
 # ----- models -----
 
 @contextlib.contextmanager
@@ -90,13 +130,14 @@ def count_calls(modules):
             handle.remove()
 
 
-def perturbed_dit(config, seed: int = 0) -> nn.Module:
-    """A DiT of `config` whose zero-initialised layers are given small random weights, so its output is not zero
-    and every path affects it (eval mode)."""
+def perturbed_dit(config=None, seed: int = 0) -> nn.Module:
+    """A DiT of `config` (default: the image registry's tiny_dit) whose zero-initialised layers are given small
+    random weights, so that its output is not zero and every path affects it; in eval mode."""
     from model.diffusion import DiT
+    from model.image.diffusion import model_config_lookup
 
     torch.manual_seed(seed)
-    model = DiT(config)
+    model = DiT(config or model_config_lookup["tiny_dit"])
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

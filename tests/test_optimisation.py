@@ -11,14 +11,12 @@ import torch
 from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from helpers import checkpoint_names, checkpoint_weights, count_calls, differs, only_events, scalars, trainer_state
-from megatransformer_utils import MegaTransformerConfig
-from model import build_model
+from helpers import (checkpoint_names, checkpoint_weights, count_calls, differs, loop_args, only_events, scalars,
+                     tiny_lm_task, trainer_state)
 from training.arguments import build_parser, check_arguments
 from training.engines import PlainEngine
 from training.loop import start_run, train
 from training.schedule import make_optimizer, warmup_cosine
-from training.task import TrainingTask
 
 
 def parse(*flags):
@@ -40,8 +38,9 @@ class TwoLayers(nn.Module):
         return self.norm(self.linear(x))
 
 
-def engine_for(*flags, model=None, warmup: int = 0, steps: int = 10) -> PlainEngine:
-    return PlainEngine(model or TwoLayers(), parse(*flags), torch.device("cpu"), warmup, 1e-2, steps)
+def engine_for(*flags, warmup: int = 0) -> PlainEngine:
+    """A plain engine training TwoLayers() at peak learning rate 1e-2 for 10 steps, on CPU."""
+    return PlainEngine(TwoLayers(), parse(*flags), torch.device("cpu"), warmup, 1e-2, 10)
 
 
 # ----- the learning-rate schedule -----
@@ -190,33 +189,11 @@ def test_fp16_autocast_runs_matmuls_in_half_precision():
 
 # ----- the loop: SIGINT, gradient checkpointing -----
 
-def tiny_lm_task() -> TrainingTask:
-    config = MegaTransformerConfig.from_name("tiny").with_overrides(
-        ["vocab_size=64", "hidden_size=32", "n_layers=2", "n_heads=2", "n_query_groups=1", "intermediate_size=64",
-         "max_position_embeddings=32"])
-    torch.manual_seed(0)
-    model = build_model(config)
-
-    def train_batch(i: int) -> dict:
-        return {"input_ids": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i))}
-
-    def loss(model, batch, step):
-        return model(batch["input_ids"], labels=batch["input_ids"]).loss
-
-    return TrainingTask(model=model, config=config, train_batch=train_batch, loss=loss,
-                        batch_size=lambda batch: batch["input_ids"].numel())
-
-
-def loop_args(tmp_path, *extra):
-    return parse("--runs_dir", tmp_path, "--device", "cpu", "--max_steps", 5, "--logging_steps", 1, "--save_steps",
-                 100, "--no_progress_bar", *extra)
-
-
 def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
     """The README promises that Ctrl-C (SIGINT) stops a run cleanly with a checkpoint of the step it was in."""
     task = tiny_lm_task()
     task.after_step = lambda model, step: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None
-    args = loop_args(tmp_path)
+    args = loop_args(tmp_path, "x", "--max_steps", 5)
     previous = signal.getsignal(signal.SIGINT)
     summary = train(task, args, start_run(args))
     assert summary["stopped_by"] == "SIGINT" and summary["step"] == 2
@@ -232,7 +209,7 @@ def test_gradient_checkpointing_flag_reaches_the_model(tmp_path):
     counts = {}
     for flag in ((), ("--use_gradient_checkpointing",)):
         task = tiny_lm_task()
-        args = loop_args(tmp_path, "--run_name", f"run{len(flag)}", "--max_steps", 1, *flag)
+        args = loop_args(tmp_path, f"run{len(flag)}", "--max_steps", 1, *flag)
         with count_calls(task.model.blocks) as calls:
             train(task, args, start_run(args))
         counts[flag] = calls
