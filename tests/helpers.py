@@ -6,6 +6,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,6 +68,39 @@ def assert_same_weights(a: dict, b: dict, rtol: float = 0.0, atol: float = 0.0) 
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=rtol, atol=atol, msg=name)
+
+
+def check_two_rank_gan_checkpoint(run_dir: Path, step: int, accumulation: int) -> dict:
+    """What a two-rank bf16 DeepSpeed GAN run saving every step must hold at checkpoint-STEP (the discriminator
+    starting at step index 1): both networks' DeepSpeed state and weights, the step, micro-batch and rank counts, bf16
+    weights, a model and a discriminator that trained. Returns the trainer state."""
+    checkpoint = Path(run_dir) / f"checkpoint-{step}"
+    for name in DEEPSPEED_CHECKPOINT_FILES + GAN_CHECKPOINT_FILES:
+        assert (checkpoint / name).exists(), name
+    state = trainer_state(checkpoint)
+    assert (state["step"], state["micro_batches"], state["world_size"]) == (step, step * accumulation, 2)
+    weights = checkpoint_weights(run_dir, step)
+    assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values())  # DeepSpeed's bf16 weights
+    assert differs(checkpoint_weights(run_dir, 1), weights)
+    disc = [checkpoint_weights(run_dir, s, "discriminator") for s in range(1, step + 1)]
+    assert all(differs(before, after) for before, after in zip(disc, disc[1:]))  # trains from step index 1 on
+    return state
+
+
+def assert_resumed_run_matches(straight_dir: Path, resumed_dir: Path, tags, final_step: int, networks=("",),
+                               rel: float = 0.0, atol: float = 0.0) -> None:
+    """A run resumed from one of straight_dir's checkpoints logged the straight run's values of `tags` at every step
+    it logged them (within `rel`), and its checkpoint-FINAL_STEP holds the same weights of each network (model: "",
+    GAN adversary: "discriminator"; within rel and atol). Exact by default."""
+    straight, resumed = only_events(straight_dir), only_events(resumed_dir)
+    for tag in tags:
+        logged, expected = scalars(resumed, tag), scalars(straight, tag)
+        assert logged and set(logged) <= set(expected), (tag, sorted(logged))
+        steps = sorted(logged)
+        assert [logged[s] for s in steps] == pytest.approx([expected[s] for s in steps], rel=rel, abs=0.0), tag
+    for network in networks:
+        assert_same_weights(checkpoint_weights(straight_dir, final_step, network),
+                            checkpoint_weights(resumed_dir, final_step, network), rtol=rel, atol=atol)
 
 
 # ----- the training loop, driven directly -----

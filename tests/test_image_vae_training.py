@@ -1,7 +1,7 @@
 """pretrain_image_vae.py on the shared loop: PSNR/SSIM against independent references, a short run on builtin:shapes
 that lowers the validation error (and logs what it should to TensorBoard), a GAN run whose discriminator trains from
-its start step on, exact resume, the users' command and config, a two-rank DeepSpeed ZeRO-2 bf16 GAN run on CPU,
-and clear errors for bad input."""
+its start step on, exact resume, the users' command and config, a two-rank DeepSpeed ZeRO-2 bf16 GAN run on CPU
+that resumes exactly, and clear errors for bad input."""
 
 import io
 import math
@@ -16,8 +16,8 @@ from scipy.ndimage import gaussian_filter
 import preprocess_image_vae_dataset
 import pretrain_image_vae
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
-from helpers import (DEEPSPEED_CHECKPOINT_FILES, GAN_CHECKPOINT_FILES, assert_same_weights, checkpoint_weights, differs,
-                     only_events, scalars, trainer_state)
+from helpers import (assert_resumed_run_matches, assert_same_weights, check_two_rank_gan_checkpoint, checkpoint_weights,
+                     differs, only_events, scalars)
 from model.image.discriminators import build_discriminator
 from model.image.losses import build_image_vae_loss
 from model.image.vae import ImageVAEConfig, build_image_vae
@@ -418,17 +418,8 @@ def test_deepspeed_zero2_two_ranks_bf16_gan(caches, tmp_path):
                                          run_dir / "checkpoint-2"))
     assert f"finished {run_dir} at step 3" in output and f"finished {resumed_dir} at step 3" in output
 
-    checkpoint = run_dir / "checkpoint-3"
-    for name in DEEPSPEED_CHECKPOINT_FILES + GAN_CHECKPOINT_FILES:
-        assert (checkpoint / name).exists(), name
-    trainer = trainer_state(checkpoint)
-    assert (trainer["step"], trainer["micro_batches"], trainer["world_size"]) == (3, 6, 2)
+    trainer = check_two_rank_gan_checkpoint(run_dir, 3, accumulation=2)
     assert trainer["tokens"] == 3 * 2 * 2 * 4  # images: steps x accumulation x ranks x batch
-    weights = {step: checkpoint_weights(run_dir, step) for step in (1, 3)}
-    assert all(tensor.dtype == torch.bfloat16 for tensor in weights[3].values())  # DeepSpeed's bf16 weights
-    assert differs(weights[1], weights[3])
-    disc = {step: checkpoint_weights(run_dir, step, "discriminator") for step in (1, 2, 3)}
-    assert differs(disc[1], disc[2]) and differs(disc[2], disc[3])  # trains from step index 1 on
     accumulator = only_events(run_dir)
     assert scalars(accumulator, "train/adaptive_weight")[3] > 0
     assert sorted(scalars(accumulator, "train/discriminator/loss")) == [2, 3]
@@ -436,9 +427,6 @@ def test_deepspeed_zero2_two_ranks_bf16_gan(caches, tmp_path):
 
     # the resumed run: the same step-3 numbers (bf16 weights with float32 masters, recomputed in the same order on
     # CPU: equal to the bit here; 1e-6 leaves room for another reduction order) and the same final weights
-    resumed = only_events(resumed_dir)
-    for tag in ("train/loss", "train/reconstruction", "train/adversarial", "train/discriminator/loss", "eval/psnr"):
-        assert scalars(resumed, tag)[3] == pytest.approx(scalars(accumulator, tag)[3], rel=1e-6), tag
-    for network in ("", "discriminator"):
-        assert_same_weights(checkpoint_weights(run_dir, 3, network), checkpoint_weights(resumed_dir, 3, network),
-                            rtol=1e-6, atol=1e-7)
+    assert_resumed_run_matches(run_dir, resumed_dir, ("train/loss", "train/reconstruction", "train/adversarial",
+                                                      "train/discriminator/loss", "eval/psnr"),
+                               3, networks=("", "discriminator"), rel=1e-6, atol=1e-7)

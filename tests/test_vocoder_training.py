@@ -1,8 +1,8 @@
 """pretrain_vocoder.py on the shared loop: aligned crops that are a pure function of the batch index, the minimum
 segment, bfloat16 losses, spectrogram images, a short run on builtin:speech in which eval/mel_l1 falls (with its
 TensorBoard terms, audio and images, and a checkpoint that load_vocoder reads back), a GAN run whose discriminator
-trains only from its start step, exact resume, a two-rank DeepSpeed ZeRO-2 bf16 GAN run (slow), and clear errors
-for bad input."""
+trains only from its start step, exact resume, a two-rank DeepSpeed ZeRO-2 bf16 GAN run that resumes exactly (slow),
+and clear errors for bad input."""
 
 import argparse
 import io
@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 import preprocess_vocoder_dataset
 import pretrain_vocoder
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
-from helpers import (DEEPSPEED_CHECKPOINT_FILES, GAN_CHECKPOINT_FILES, assert_same_weights, checkpoint_weights, differs,
-                     only_events, scalars, trainer_state)
+from helpers import (assert_resumed_run_matches, assert_same_weights, check_two_rank_gan_checkpoint, checkpoint_weights,
+                     differs, only_events, scalars)
 from model.audio.criteria import MultiResolutionSTFTLoss
 from model.audio.features import AudioFeatureConfig, log_mel, num_samples
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder, load_vocoder, model_config_lookup
@@ -364,24 +364,14 @@ def test_deepspeed_zero2_two_ranks_bf16_gan(speech_caches, tmp_path):
                                          run_dir / "checkpoint-2"))
     assert f"finished {run_dir} at step 3" in output and f"finished {resumed_dir} at step 3" in output
 
-    checkpoint = run_dir / "checkpoint-3"
-    for name in DEEPSPEED_CHECKPOINT_FILES + GAN_CHECKPOINT_FILES:
-        assert (checkpoint / name).exists(), name
-    trainer = trainer_state(checkpoint)
-    assert (trainer["step"], trainer["micro_batches"], trainer["world_size"]) == (3, 6, 2)
+    trainer = check_two_rank_gan_checkpoint(run_dir, 3, accumulation=2)
     # audio seconds: steps x accumulation x ranks x batch x 15 hops of 256 samples at 16 kHz
     assert trainer["tokens"] == pytest.approx(3 * 2 * 2 * 2 * 15 * HOP / 16000)
-
-    weights = checkpoint_weights(run_dir, 3)
-    assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values())  # DeepSpeed's bf16 weights
-    assert differs(checkpoint_weights(run_dir, 1), weights)
-    disc = {step: checkpoint_weights(run_dir, step, "discriminator") for step in (1, 2, 3)}
-    assert differs(disc[1], disc[2]) and differs(disc[2], disc[3])
     accumulator = only_events(run_dir)
     assert sorted(scalars(accumulator, "train/discriminator/loss")) == [2, 3]
     assert sorted(scalars(accumulator, "train/adversarial")) == [2, 3]
     assert all(math.isfinite(scalars(accumulator, f"eval/{name}")[3]) for name in ("mel_l1", "mrstft"))
-    vocoder = load_vocoder(checkpoint)
+    vocoder = load_vocoder(run_dir / "checkpoint-3")
     assert all(parameter.dtype == torch.float32 for parameter in vocoder.parameters())
     with torch.no_grad():
         waveform, _ = vocoder(ShardedCache(speech_caches[1])[0]["mel"][None])
@@ -389,12 +379,9 @@ def test_deepspeed_zero2_two_ranks_bf16_gan(speech_caches, tmp_path):
 
     # the resumed run: the same step-3 numbers (bf16 weights with float32 masters, recomputed in the same order on
     # CPU: equal to the bit here; 1e-6 leaves room for another reduction order) and the same final weights
-    resumed = only_events(resumed_dir)
-    for tag in ("train/loss", "train/mel_l1", "train/adversarial", "train/discriminator/loss", "eval/mel_l1"):
-        assert scalars(resumed, tag)[3] == pytest.approx(scalars(accumulator, tag)[3], rel=1e-6), tag
-    for network in ("", "discriminator"):
-        assert_same_weights(checkpoint_weights(run_dir, 3, network), checkpoint_weights(resumed_dir, 3, network),
-                            rtol=1e-6, atol=1e-7)
+    assert_resumed_run_matches(run_dir, resumed_dir, ("train/loss", "train/mel_l1", "train/adversarial",
+                                                      "train/discriminator/loss", "eval/mel_l1"),
+                               3, networks=("", "discriminator"), rel=1e-6, atol=1e-7)
 
 
 # ----- flags and bad input -----
