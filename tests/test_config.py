@@ -140,43 +140,35 @@ def test_extends_registry_name_from_another_directory(tmp_path):
     assert config == dataclasses.replace(tiny, name="deeper", n_layers=6)
 
 
-def test_extends_cycle_raises(tmp_path):
-    write_yaml(tmp_path / "a.yaml", "extends: b.yaml\nn_layers: 2\n")
-    write_yaml(tmp_path / "b.yaml", "extends: a.yaml\nn_layers: 3\n")
-    with pytest.raises(ValueError, match=r"extends itself.*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
-        MegaTransformerConfig.from_yaml(tmp_path / "a.yaml")
+# YAML files that must not load: {case: ({path: text}, the file loaded, the error it must raise)}
+BAD_YAML_FILES = {
+    "extends_cycle": ({"a.yaml": "extends: b.yaml\nn_layers: 2\n", "b.yaml": "extends: a.yaml\nn_layers: 3\n"},
+                      "a.yaml", r"extends itself.*a\.yaml -> .*b\.yaml -> .*a\.yaml"),
+    "extends_self": ({"a.yaml": "extends: a.yaml\n"}, "a.yaml", "extends itself"),
+    # `../dir/b.yaml` names the same file each time round; the cycle must still be caught
+    "extends_cycle_through_unnormalised_paths": ({"dir/a.yaml": "extends: ../dir/b.yaml\n",
+                                                  "dir/b.yaml": "extends: ../dir/a.yaml\n"},
+                                                 "dir/a.yaml", "extends itself"),
+    "extends_missing_parent_file": ({"a.yaml": "extends: missing.yaml\n"}, "a.yaml",
+                                    r"missing\.yaml does not exist \(extended by .*a\.yaml\)"),
+    "extends_unknown_name_suggests": ({"a.yaml": "extends: gpt2_smal\n"}, "a.yaml",
+                                      "unknown config name 'gpt2_smal'.*did you mean gpt2_small"),
+    "extends_must_be_a_string": ({"a.yaml": "extends: [tiny]\n"}, "a.yaml",
+                                 "'extends' in .*a.yaml must be a config name"),
+    "unknown_key": ({"typo.yaml": "hidden_size: 64\nintermediate_sise: 128\n"}, "typo.yaml",
+                    r"unknown config key 'intermediate_sise'; did you mean intermediate_size"),
+    "not_a_mapping": ({"list.yaml": "- n_layers\n- 2\n"}, "list.yaml", r"list\.yaml must hold a mapping"),
+    "invalid_yaml": ({"broken.yaml": "n_layers: [2\n"}, "broken.yaml", r"broken\.yaml is not valid YAML"),
+}
 
 
-def test_extends_self_raises(tmp_path):
-    write_yaml(tmp_path / "a.yaml", "extends: a.yaml\n")
-    with pytest.raises(ValueError, match="extends itself"):
-        MegaTransformerConfig.from_yaml(tmp_path / "a.yaml")
-
-
-def test_extends_cycle_through_unnormalised_paths_raises(tmp_path):
-    """`../dir/b.yaml` names the same file each time round; the cycle must still be caught."""
-    write_yaml(tmp_path / "dir" / "a.yaml", "extends: ../dir/b.yaml\n")
-    write_yaml(tmp_path / "dir" / "b.yaml", "extends: ../dir/a.yaml\n")
-    with pytest.raises(ValueError, match="extends itself"):
-        MegaTransformerConfig.from_yaml(tmp_path / "dir" / "a.yaml")
-
-
-def test_extends_missing_parent_file(tmp_path):
-    path = write_yaml(tmp_path / "a.yaml", "extends: missing.yaml\n")
-    with pytest.raises(ValueError, match=r"missing\.yaml does not exist \(extended by .*a\.yaml\)"):
-        MegaTransformerConfig.from_yaml(path)
-
-
-def test_extends_unknown_name_suggests(tmp_path):
-    path = write_yaml(tmp_path / "a.yaml", "extends: gpt2_smal\n")
-    with pytest.raises(ValueError, match="unknown config name 'gpt2_smal'.*did you mean gpt2_small"):
-        MegaTransformerConfig.from_yaml(path)
-
-
-def test_extends_must_be_a_string(tmp_path):
-    path = write_yaml(tmp_path / "a.yaml", "extends: [tiny]\n")
-    with pytest.raises(ValueError, match="'extends' in .*a.yaml must be a config name"):
-        MegaTransformerConfig.from_yaml(path)
+@pytest.mark.parametrize("case", list(BAD_YAML_FILES))
+def test_bad_yaml_file_is_a_clear_error(case, tmp_path):
+    files, loaded, message = BAD_YAML_FILES[case]
+    for name, text in files.items():
+        write_yaml(tmp_path / name, text)
+    with pytest.raises(ValueError, match=message):
+        MegaTransformerConfig.from_yaml(tmp_path / loaded)
 
 
 # ----- with_overrides -----
@@ -280,24 +272,6 @@ def test_unknown_non_string_key():
 def test_from_dict_needs_a_mapping():
     with pytest.raises(ValueError, match="must be a mapping"):
         MegaTransformerConfig.from_dict([("n_layers", 2)])
-
-
-def test_unknown_key_in_yaml(tmp_path):
-    path = write_yaml(tmp_path / "typo.yaml", "hidden_size: 64\nintermediate_sise: 128\n")
-    with pytest.raises(ValueError, match=r"unknown config key 'intermediate_sise'; did you mean intermediate_size"):
-        MegaTransformerConfig.from_yaml(path)
-
-
-def test_yaml_must_be_a_mapping(tmp_path):
-    path = write_yaml(tmp_path / "list.yaml", "- n_layers\n- 2\n")
-    with pytest.raises(ValueError, match=r"list\.yaml must hold a mapping"):
-        MegaTransformerConfig.from_yaml(path)
-
-
-def test_invalid_yaml_names_the_file(tmp_path):
-    path = write_yaml(tmp_path / "broken.yaml", "n_layers: [2\n")
-    with pytest.raises(ValueError, match=r"broken\.yaml is not valid YAML"):
-        MegaTransformerConfig.from_yaml(path)
 
 
 @pytest.mark.parametrize("key, value, wanted", [

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
+from helpers import perturbed_dit
 from model.diffusion import EMA, DiT, diffusion_loss, sample
 from model.diffusion.guidance import condition_dropout_mask, guided_prediction
 from model.diffusion.objectives import (add_noise, check_objective, min_snr_weight, predict_x0_and_noise,
@@ -18,16 +19,6 @@ from model.pretrained import load_weights
 
 TINY = model_config_lookup["tiny_dit"]
 DIFFUSERS_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
-
-
-def perturbed_dit(config=TINY, seed: int = 0) -> DiT:
-    """A DiT whose zero-initialised layers are given small random weights, so its output is not zero."""
-    torch.manual_seed(seed)
-    model = DiT(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model.eval()
 
 
 def text_inputs(batch: int = 2, length: int = 6, seed: int = 1):

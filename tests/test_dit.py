@@ -7,22 +7,13 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import count_calls, perturbed_dit
 from model.diffusion import DiT, diffusion_loss, sample
 from model.diffusion.dit import sincos_2d, timestep_embedding
 from model.image.diffusion import ImageDiffusionConfig, build_image_diffusion, model_config_lookup
 from model.pretrained import load_weights, write_model_files
 
 TINY = model_config_lookup["tiny_dit"]
-
-
-def perturbed_dit(config=TINY, seed: int = 0) -> DiT:
-    """A DiT whose zero-initialised layers are given small random weights, so every path affects the output."""
-    torch.manual_seed(seed)
-    model = DiT(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    return model.eval()
 
 
 def text_inputs(batch: int = 2, length: int = 6, dim: int = 32, seed: int = 1):
@@ -208,13 +199,16 @@ def test_cuda_matches_cpu(dtype):
 def test_gradient_checkpointing_gives_the_same_gradients():
     text_emb, text_mask = text_inputs()
     latents = torch.randn(2, 4, 8, 8)
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         model = perturbed_dit().train()
         model.set_gradient_checkpointing(checkpointing)
-        loss, _ = diffusion_loss(model, latents, text_emb, text_mask, torch.Generator().manual_seed(3))
-        loss.backward()
+        with count_calls(model.blocks) as counts:
+            loss, _ = diffusion_loss(model, latents, text_emb, text_mask, torch.Generator().manual_seed(3))
+            loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+        calls.append(sum(counts.values()))
+    assert calls == [len(model.blocks), 2 * len(model.blocks)]  # checkpointed blocks run again in the backward pass
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed)
 

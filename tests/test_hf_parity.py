@@ -61,7 +61,7 @@ def test_logits_equal(converted):
     ids = torch.randint(0, VOCAB, (3, 17))
     with torch.no_grad():
         expected, actual = hf_model(ids).logits, ours(ids).logits
-    assert (expected - actual).abs().max() < 1e-4
+    assert (expected - actual).abs().max() < 1e-6  # measured: 0 (Llama family) to 9e-8 (GPT-2), logits ~0.5
 
 
 def test_left_padded_logits_equal(converted):
@@ -72,7 +72,7 @@ def test_left_padded_logits_equal(converted):
         expected = hf_model(ids, attention_mask=mask, position_ids=position_ids).logits
         actual = ours(ids, attention_mask=mask).logits
     real = mask.bool()
-    assert (expected[real] - actual[real]).abs().max() < 1e-4
+    assert (expected[real] - actual[real]).abs().max() < 1e-6
 
 
 def test_greedy_generation_equal(converted):

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import generate_image
 import preprocess_image_diffusion_dataset
@@ -24,6 +23,7 @@ import pretrain_image_diffusion
 import pretrain_image_vae
 from data.latent_cache import collate_latents, open_latent_caches
 from data.sharded_cache import ShardedCache
+from helpers import events, scalars
 from model.image.diffusion import ImageDiffusionConfig, build_image_diffusion
 from model.image.pipeline import load_vae_checkpoint
 from model.image.vae import ImageVAEConfig, build_image_vae
@@ -48,12 +48,6 @@ def run_main(main, argv) -> tuple[int, str]:
     with contextlib.redirect_stdout(output):
         code = main([str(arg) for arg in argv])
     return code, output.getvalue()
-
-
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
-    accumulator.Reload()
-    return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
 # ----- pieces -----
@@ -241,19 +235,18 @@ def test_a_checkpoint_without_config_needs_vae_config(work, vae_checkpoint, imag
 def test_loss_falls_and_tensorboard_has_losses_and_samples(learning_run):
     """Measured (CPU): eval/loss 0.206 at step 1 -> 0.174 at step 60, eval/mse 1.01 -> 0.88 (an untrained DiT
     outputs zeros: mse ~1 for unit-variance latents); the bounds leave about half the drop as margin."""
-    eval_loss, eval_mse = scalars(learning_run, "eval/loss"), scalars(learning_run, "eval/mse")
+    accumulator = events(learning_run)
+    eval_loss, eval_mse = scalars(accumulator, "eval/loss"), scalars(accumulator, "eval/mse")
     assert sorted(eval_loss) == list(range(1, LEARNING_STEPS + 1))
     assert eval_mse[1] == pytest.approx(1.0, abs=0.1)
     assert eval_loss[LEARNING_STEPS] < 0.92 * eval_loss[1]
     assert eval_mse[LEARNING_STEPS] < 0.92 * eval_mse[1]
     # (train/loss itself is too noisy to compare at this size: each batch draws its own noise levels, whose min-SNR
     # weights differ by orders of magnitude; the evaluation uses fixed levels and noise)
-    assert sorted(scalars(learning_run, "train/loss")) == list(range(1, LEARNING_STEPS + 1))
+    assert sorted(scalars(accumulator, "train/loss")) == list(range(1, LEARNING_STEPS + 1))
     for tag in ("train/mse", "train/loss_weight", "train/cfg_dropped", "train/images_per_sec", "eval/ema_loss"):
-        assert len(scalars(learning_run, tag)) > 0, tag
+        assert len(scalars(accumulator, tag)) > 0, tag
 
-    accumulator = EventAccumulator(str(learning_run), size_guidance={"images": 0})
-    accumulator.Reload()
     grids = accumulator.Images("samples/images")
     assert [grid.step for grid in grids] == [GENERATION_STEPS, LEARNING_STEPS]
     # rows: the 3 default guidance scales; columns: the 4 default prompts
@@ -313,7 +306,7 @@ def test_resume_is_exact_including_the_ema(work, latent_caches, monkeypatch):
     assert run_main(pretrain_image_diffusion.main, diffusion_args(latent_caches, work, "resumed", *flags,
                                                                   *resume))[0] == 0
     resumed = work / "runs" / "resumed"
-    straight_loss, resumed_loss = scalars(straight, "train/loss"), scalars(resumed, "train/loss")
+    straight_loss, resumed_loss = scalars(events(straight), "train/loss"), scalars(events(resumed), "train/loss")
     assert sorted(resumed_loss) == [4, 5, 6]
     assert all(resumed_loss[step] == straight_loss[step] for step in (4, 5, 6))
     for name in ("model.safetensors", "ema.safetensors"):
@@ -360,7 +353,7 @@ def test_bfloat16_weights_train_evaluate_and_sample(work, latent_caches, vae_che
 def test_bf16_autocast_run(work, latent_caches):
     flags = ["--bf16", "--max_steps", 2, "--eval_steps", 2, "--generation_steps", 2]
     assert run_main(pretrain_image_diffusion.main, diffusion_args(latent_caches, work, "autocast", *flags))[0] == 0
-    losses = scalars(work / "runs" / "autocast", "eval/loss")
+    losses = scalars(events(work / "runs" / "autocast"), "eval/loss")
     assert list(losses) == [2] and all(torch.isfinite(torch.tensor(value)) for value in losses.values())
 
 

@@ -1,10 +1,9 @@
 """pretrain_image_vae.py on the shared loop: PSNR/SSIM against independent references, a short run on builtin:shapes
 that lowers the validation error (and logs what it should to TensorBoard), a GAN run whose discriminator trains from
-its start step on, exact resume, the users' command and config, a two-rank DeepSpeed ZeRO-2 bf16 GAN run on CPU,
-and clear errors for bad input."""
+its start step on, exact resume, the users' command and config, a two-rank DeepSpeed ZeRO-2 bf16 GAN run on CPU
+that resumes exactly, and clear errors for bad input."""
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -12,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image as PILImage
-from safetensors.torch import load_file
 from scipy.ndimage import gaussian_filter
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import preprocess_image_vae_dataset
 import pretrain_image_vae
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
+from helpers import (assert_resumed_run_matches, assert_same_weights, check_two_rank_gan_checkpoint, checkpoint_weights,
+                     differs, only_events, scalars)
 from model.image.discriminators import build_discriminator
 from model.image.losses import build_image_vae_loss
 from model.image.vae import ImageVAEConfig, build_image_vae
@@ -132,23 +131,6 @@ def pretrain_args(caches, runs: Path, run_name: str, *extra) -> list[str]:
 
 def pretrain(caches, runs: Path, run_name: str, *extra) -> int:
     return pretrain_image_vae.main(pretrain_args(caches, runs, run_name, *extra))
-
-
-def only_events(run_dir: Path) -> EventAccumulator:
-    files = sorted(run_dir.glob("events.out.tfevents.*"))
-    assert len(files) == 1, files
-    accumulator = EventAccumulator(str(files[0]), size_guidance={"scalars": 0, "images": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def scalars(accumulator: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in accumulator.Scalars(tag)}
-
-
-def differs(a: dict, b: dict) -> bool:
-    assert a.keys() == b.keys()
-    return any(not torch.equal(a[name], b[name]) for name in a)
 
 
 def load_run_model(checkpoint: Path):
@@ -301,9 +283,8 @@ def gan_run(caches, runs_dir) -> Path:
 
 
 def test_discriminator_trains_from_its_start_step(gan_run):
-    disc = [load_file(gan_run / f"checkpoint-{step}" / "discriminator" / "model.safetensors")
-            for step in range(1, GAN_STEPS + 1)]
-    vae = [load_file(gan_run / f"checkpoint-{step}" / "model.safetensors") for step in range(1, GAN_STEPS + 1)]
+    disc = [checkpoint_weights(gan_run, step, "discriminator") for step in range(1, GAN_STEPS + 1)]
+    vae = [checkpoint_weights(gan_run, step) for step in range(1, GAN_STEPS + 1)]
     assert not differs(disc[0], disc[1])  # steps 1 and 2: untouched (weights and BatchNorm statistics)
     assert differs(disc[1], disc[2]) and differs(disc[2], disc[3])
     assert all(differs(vae[i], vae[i + 1]) for i in range(GAN_STEPS - 1))
@@ -334,9 +315,10 @@ def test_resume_is_exact(gan_run, caches, runs_dir, resume_step):
     assert scalars(resumed, "train/discriminator/loss") == \
         {step: scalars(straight, "train/discriminator/loss")[step] for step in discriminator_steps}
     assert scalars(resumed, "eval/psnr")[GAN_STEPS] == scalars(straight, "eval/psnr")[GAN_STEPS]
+    for network in ("", "discriminator"):
+        assert_same_weights(checkpoint_weights(runs_dir / name, GAN_STEPS, network),
+                            checkpoint_weights(gan_run, GAN_STEPS, network))
     final = f"checkpoint-{GAN_STEPS}"
-    for weights in ("model.safetensors", "discriminator/model.safetensors"):
-        assert not differs(load_file(runs_dir / name / final / weights), load_file(gan_run / final / weights))
     assert (runs_dir / name / final / "trainer_state.json").read_text() == \
         (gan_run / final / "trainer_state.json").read_text()
 
@@ -421,31 +403,30 @@ def test_bad_input_gets_a_clear_error(case, caches, tmp_path, capsys):
     assert not list((tmp_path / "runs").glob("bad/checkpoint-*"))
 
 
-# ----- DeepSpeed ZeRO-2, two CPU ranks, bf16, with the GAN -----
+# ----- DeepSpeed ZeRO-2, two CPU ranks, bf16, with the GAN: straight and resumed in one launch -----
 
 @pytest.mark.slow
 def test_deepspeed_zero2_two_ranks_bf16_gan(caches, tmp_path):
-    output = run_two_ranks("pretrain_image_vae.py", pretrain_args(
-        caches, tmp_path, "ds", "--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16",
-        "--gradient_accumulation_steps", 2, "--batch_size", 4, "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3,
-        "--learning_rate", 1e-3, "--set", "use_discriminator=true", "--set", "disc_channels=8", "--disc_start_step", 1))
-    assert "finished" in output and "at step 3" in output
+    """Three steps straight through, then again from checkpoint-2: both networks' DeepSpeed states must come back
+    (a resume that restored nothing would log other step-3 losses and end with other weights)."""
+    flags = ["--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16", "--gradient_accumulation_steps",
+             2, "--batch_size", 4, "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3, "--learning_rate", 1e-3,
+             "--set", "use_discriminator=true", "--set", "disc_channels=8", "--disc_start_step", 1]
+    run_dir, resumed_dir = tmp_path / "ds", tmp_path / "ds_resumed"
+    output = run_two_ranks("pretrain_image_vae.py", pretrain_args(caches, tmp_path, "ds", *flags),
+                           pretrain_args(caches, tmp_path, "ds_resumed", *flags, "--resume_from_checkpoint",
+                                         run_dir / "checkpoint-2"))
+    assert f"finished {run_dir} at step 3" in output and f"finished {resumed_dir} at step 3" in output
 
-    run_dir = tmp_path / "ds"
-    checkpoint = run_dir / "checkpoint-3"
-    for name in ("deepspeed", "rng_state_0.pt", "rng_state_1.pt", "model.safetensors", "config.yaml",
-                 "discriminator/deepspeed", "discriminator/model.safetensors"):
-        assert (checkpoint / name).exists(), name
-    trainer = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert (trainer["step"], trainer["micro_batches"], trainer["world_size"]) == (3, 6, 2)
+    trainer = check_two_rank_gan_checkpoint(run_dir, 3, accumulation=2)
     assert trainer["tokens"] == 3 * 2 * 2 * 4  # images: steps x accumulation x ranks x batch
-    weights = {step: load_file(run_dir / f"checkpoint-{step}" / "model.safetensors") for step in (1, 3)}
-    assert all(tensor.dtype == torch.bfloat16 for tensor in weights[3].values())  # DeepSpeed's bf16 weights
-    assert differs(weights[1], weights[3])
-    disc = {step: load_file(run_dir / f"checkpoint-{step}" / "discriminator" / "model.safetensors")
-            for step in (1, 2, 3)}
-    assert differs(disc[1], disc[2]) and differs(disc[2], disc[3])  # trains from step index 1 on
     accumulator = only_events(run_dir)
     assert scalars(accumulator, "train/adaptive_weight")[3] > 0
     assert sorted(scalars(accumulator, "train/discriminator/loss")) == [2, 3]
     assert all(math.isfinite(scalars(accumulator, f"eval/{name}")[3]) for name in ("reconstruction", "psnr", "ssim"))
+
+    # the resumed run: the same step-3 numbers (bf16 weights with float32 masters, recomputed in the same order on
+    # CPU: equal to the bit here; 1e-6 leaves room for another reduction order) and the same final weights
+    assert_resumed_run_matches(run_dir, resumed_dir, ("train/loss", "train/reconstruction", "train/adversarial",
+                                                      "train/discriminator/loss", "eval/psnr"),
+                               3, networks=("", "discriminator"), rel=1e-6, atol=1e-7)

@@ -1,10 +1,15 @@
 """The recurrent-depth LM: truncated backprop, sampled depth, adaptive exit, KV-cache generation, every config."""
 
+import numpy as np
 import pytest
+import scipy.spatial.distance
+import scipy.stats
 import torch
 import torch.nn.functional as F
+from torch.distributions import Categorical
 from torch.func import functional_call
 
+from helpers import count_calls
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model, load_pretrained, save_pretrained
 from model.megatransformer_recurrent import MegaTransformerRecurrentLM, lookup
@@ -84,13 +89,22 @@ def test_truncated_backprop_equals_hand_built_unrolling(adapter):
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    grads = []
+    """4 iterations, backprop depth 2 (recurrent_tiny): the prelude and coda blocks run once each and every core
+    block 4 times; checkpointing runs again, in the backward pass, those that ran with autograd: the prelude, the
+    coda and the core blocks of the last 2 iterations."""
+    grads, calls = [], []
     for enabled in (False, True):
         model = tiny(recurrent_init_state="embed").train()
+        assert model.config.recurrent_backprop_depth == 2
         model.set_gradient_checkpointing(enabled)
         input_ids = random_ids(model.config)
-        model(input_ids, labels=input_ids, num_steps=4).loss.backward()
+        blocks = [*model.prelude, *model.core, *model.coda]
+        with count_calls(blocks) as counts:
+            model(input_ids, labels=input_ids, num_steps=4).loss.backward()
         grads.append([p.grad for p in model.parameters()])
+        calls.append(list(counts.values()))
+    assert [len(model.prelude), len(model.core), len(model.coda)] == [1, 2, 1]
+    assert calls == [[1, 4, 4, 1], [2, 6, 6, 2]]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
@@ -151,6 +165,59 @@ def synthetic_run(name: str, converging_rows: torch.Tensor):
     return iterate_until_exit(step, torch.zeros(2, 5, 16), MAX_STEPS, criterion, lambda s: s @ readout_weight)
 
 
+def fixed_pair(seed: int = 0):
+    """Two successive (state (2, 6, 8), logits (2, 6, 10)) of 12 tokens that moved by different amounts."""
+    generator = torch.Generator().manual_seed(seed)
+    state, logits = torch.randn(2, 6, 8, generator=generator), 3 * torch.randn(2, 6, 10, generator=generator)
+    amount = torch.linspace(0.01, 2.0, 12).reshape(2, 6, 1)
+    return ((state, logits), (state + amount * torch.randn(2, 6, 8, generator=generator),
+                              logits + amount * torch.randn(2, 6, 10, generator=generator)))
+
+
+def reference_change(name: str, previous, current) -> torch.Tensor:
+    """(2, 6) float64: each criterion's measure of how much a token changed, from scipy and torch.distributions."""
+    (s0, l0), (s1, l1) = previous, current
+    if name == "kl_divergence":
+        p, q = (torch.softmax(x.double(), -1).numpy() for x in (l0, l1))
+        return torch.from_numpy(scipy.stats.entropy(p, q, axis=-1))  # KL(p_prev || p_now)
+    if name == "entropy_diff":
+        return (Categorical(logits=l1.double()).entropy() - Categorical(logits=l0.double()).entropy()).abs()
+    if name == "latent_diff":
+        return torch.from_numpy(np.linalg.norm((s1 - s0).double().numpy(), axis=-1) /
+                                np.linalg.norm(s1.double().numpy(), axis=-1))
+    if name == "cosine":
+        return torch.tensor([[scipy.spatial.distance.cosine(a, b) for a, b in zip(row1, row0)]
+                             for row1, row0 in zip(s1.double().numpy(), s0.double().numpy())])
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["kl_divergence", "entropy_diff", "latent_diff", "cosine"])
+def test_criterion_formula_on_fixed_values(name):
+    """With the threshold between the 6th and 7th smallest of the 12 reference measures, exactly the 6 tokens below
+    it converge."""
+    previous, current = fixed_pair()
+    change = reference_change(name, previous, current)
+    ordered = change.flatten().sort().values
+    threshold = float(ordered[5] + ordered[6]) / 2
+    criterion = make_criterion(name, threshold)
+    assert not criterion.update(*previous).any()  # nothing to compare with yet
+    converged = criterion.update(*current)
+    assert torch.equal(converged, change < threshold)
+    assert int(converged.sum()) == 6
+
+
+def test_argmax_stability_counts_successive_unchanged_steps():
+    """patience 2: a token converges once its top token has stayed the same for 2 comparisons in a row."""
+    tops = torch.tensor([[0, 0, 0, 0],   # stable from the start: converged at the third call
+                         [0, 1, 1, 1],   # changes once, then stable: converged at the fourth
+                         [0, 1, 0, 1]])  # never stable
+    criterion = make_criterion("argmax_stability", 2)
+    results = [criterion.update(torch.zeros(1, 3, 4), F.one_hot(tops[None, :, i], 5).float()) for i in range(4)]
+    assert torch.stack(results).squeeze(1).tolist() == [[False, False, False], [False, False, False],
+                                                        [True, False, False], [True, True, False]]
+    assert make_criterion("argmax_stability", 0.5).patience == 5  # below 1: the default patience
+
+
 @pytest.mark.parametrize("name", CRITERIA)
 def test_criterion_stops_early_on_a_converged_state(name):
     _, steps, iterations = synthetic_run(name, torch.tensor([True, True]))
@@ -176,15 +243,38 @@ def test_model_reports_steps_per_token():
     input_ids = random_ids(model.config)
     with torch.no_grad():
         fixed = model(input_ids, num_steps=3)
-        loose = model(input_ids, exit_criteria="latent_diff")  # the config threshold
         model.config.recurrent_exit_criteria_threshold = 1e9
         early = model(input_ids, exit_criteria="latent_diff")
         model.config.recurrent_exit_criteria_threshold = 0.0
         never = model(input_ids, exit_criteria="cosine")
     assert fixed.thinking_steps.shape == input_ids.shape and (fixed.thinking_steps == 3).all()
-    assert loose.thinking_steps.shape == input_ids.shape and (loose.thinking_steps <= 12).all()
     assert (early.thinking_steps == 2).all() and early.num_steps == 2
     assert (never.thinking_steps == 12).all() and never.num_steps == 12
+
+
+def test_model_exits_each_token_where_its_latent_stops_moving():
+    """The steps the model reports per token, recomputed from the states each iteration produced (the core norm's
+    outputs): a token stops at the first iteration i >= 2 with ||s_i - s_(i-1)|| / ||s_i|| < threshold, else runs
+    every iteration. The threshold is chosen so that tokens stop at several different depths."""
+    model = tiny(recurrent_max_thinking_steps=12).eval()
+    input_ids = random_ids(model.config, length=16)
+    states = []
+    handle = model.core_norm.register_forward_hook(lambda module, inputs, output: states.append(output.clone()))
+    with torch.no_grad():
+        model(input_ids, num_steps=12)
+        changes = torch.stack([(b - a).norm(dim=-1) / b.norm(dim=-1) for a, b in zip(states, states[1:])])  # (11, B, T)
+        threshold = float(changes[4:8].median())
+        model.config.recurrent_exit_criteria_threshold = threshold
+        states.clear()
+        output = model(input_ids, exit_criteria="latent_diff")
+    handle.remove()
+    assert len(states) == output.num_steps
+    expected = torch.full(input_ids.shape, output.num_steps)
+    for i in range(len(states) - 1, 0, -1):  # iteration i + 1 compares s_(i+1) with s_i
+        change = (states[i] - states[i - 1]).norm(dim=-1) / states[i].norm(dim=-1)
+        expected = torch.where(change < threshold, i + 1, expected)
+    assert torch.equal(output.thinking_steps, expected)
+    assert len(set(expected.flatten().tolist())) >= 3
 
 
 def test_unknown_criterion_is_a_clear_error():

@@ -5,12 +5,16 @@ trained tiny model is better with more thinking steps than with one."""
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+import torch
 
 import preprocess_text_dataset
 import pretrain_wm
+from data.text_cache import TextTokenCache, evaluation_batches
+from helpers import events, scalars
 from megatransformer_utils import MegaTransformerConfig
+from model import load_pretrained
 from model.megatransformer_recurrent import MegaTransformerRecurrentLM
+from training.language_modeling import evaluate_lm
 
 STEPS = 300
 # trained at a mean depth of 8 (backprop through the last 4), one step is rare in training: P(r = 1) ≈ e^-7
@@ -32,14 +36,8 @@ def trained_run(tmp_path_factory) -> Path:
     return tmp / "rec"
 
 
-def scalars(run_dir: Path, tag: str) -> dict[int, float]:
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {event.step: event.value for event in accumulator.Scalars(tag)}
-
-
 def test_each_step_trains_at_the_depth_drawn_for_its_global_step(trained_run):
-    logged = scalars(trained_run, "train/thinking_steps")
+    logged = scalars(events(trained_run), "train/thinking_steps")
     assert sorted(logged) == list(range(1, STEPS + 1))
     config = MegaTransformerConfig.from_yaml(trained_run / "config.yaml")
     assert config.model_family == "recurrent"
@@ -50,11 +48,21 @@ def test_each_step_trains_at_the_depth_drawn_for_its_global_step(trained_run):
 
 
 def test_evaluation_reports_fixed_depths_and_the_exit_criterion(trained_run):
-    losses = {r: scalars(trained_run, f"eval/loss_steps_{r}")[STEPS] for r in (1, 4, 8)}
-    mean_steps = scalars(trained_run, "eval/mean_thinking_steps")[STEPS]
-    config = MegaTransformerConfig.from_yaml(trained_run / "config.yaml")
-    assert 1 <= mean_steps <= config.recurrent_max_thinking_steps
-    assert scalars(trained_run, "eval/loss")[STEPS] > 0
+    """The logged evaluation is what the saved model gives on the validation batches, recomputed here in one process
+    (eval/loss and eval/mean_thinking_steps under the config's exit criterion)."""
+    metrics = ["eval/loss", "eval/perplexity", "eval/mean_thinking_steps"] + \
+        [f"eval/loss_steps_{r}" for r in (1, 4, 8)]
+    accumulator = events(trained_run)
+    logged = {name: scalars(accumulator, name)[STEPS] for name in metrics}
+    model = load_pretrained(trained_run / f"checkpoint-{STEPS}", dtype=torch.float32)
+    val = evaluation_batches(TextTokenCache(trained_run.parent / "cache").tokens("val"), 64, 8, 6)
+    recomputed = evaluate_lm(model, [{"input_ids": ids} for ids in val], torch.device("cpu"), (1, 4, 8))
+    assert recomputed.keys() == set(metrics)
+    for name in metrics:
+        assert recomputed[name] == pytest.approx(logged[name], rel=1e-4), name  # measured: up to 2.3e-5
+    # the exit criterion stops tokens at different depths, short of the maximum
+    assert 1 < logged["eval/mean_thinking_steps"] < model.config.recurrent_max_thinking_steps
+    losses = {r: logged[f"eval/loss_steps_{r}"] for r in (1, 4, 8)}
     # the model does better when it thinks for 4 or 8 steps than for one
     assert losses[4] < losses[1] - 0.02 and losses[8] < losses[1] - 0.02, losses
 

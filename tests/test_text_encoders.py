@@ -128,6 +128,8 @@ def test_errors_name_the_offline_alternatives(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="builtin:words"):
         load_text_encoder(str(tmp_path / "no_such_encoder"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying
+    # an empty hub cache: in the user's own, a downloaded t5-small would load and nothing would fail
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hub_cache"))
     with pytest.raises(ValueError, match="builtin:words") as error:
         load_text_encoder("google-t5/t5-small")
     assert "local directory" in str(error.value)

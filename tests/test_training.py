@@ -1,6 +1,6 @@
 """The shared training loop end to end through pretrain_wm.py: exact resume (also after SIGTERM), TensorBoard
-output, checkpoint rotation, a two-rank DeepSpeed ZeRO-2 run on CPU, that the loss falls, non-finite losses,
-and clear errors for bad input."""
+output, checkpoint rotation, two-rank DeepSpeed ZeRO-1/2/3 runs on CPU (exact resume, exported weights), that the
+loss falls, non-finite losses, and clear errors for bad input."""
 
 import json
 import math
@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import preprocess_text_dataset
 import pretrain_wm
-from data.text_cache import TextTokenCache
+from data.text_cache import TextTokenCache, evaluation_batches
+from helpers import (DEEPSPEED_CHECKPOINT_FILES, assert_resumed_run_matches, checkpoint_names, checkpoint_weights, differs,
+                     event_files, events, loop_args, only_events, scalars, tiny_lm_task, trainer_state)
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model, load_pretrained
-from training.arguments import build_parser, check_arguments
+from training.language_modeling import evaluate_lm
 from training.loop import TrainingStopped, start_run, train
-from training.task import TrainingTask
 from two_ranks import run_two_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,34 +69,6 @@ def pretrain_command(cache: Path, runs: Path, run_name: str, *extra) -> list[str
     return [sys.executable, "pretrain_wm.py", *pretrain_args(cache, runs, run_name, *extra)]
 
 
-def events(path: Path) -> EventAccumulator:
-    accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def event_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("events.out.tfevents.*"))
-
-
-def only_event_file(run_dir: Path) -> EventAccumulator:
-    files = event_files(run_dir)
-    assert len(files) == 1, files
-    return events(files[0])
-
-
-def scalars(accumulator: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in accumulator.Scalars(tag)}
-
-
-def checkpoint_names(run_dir: Path) -> list[str]:
-    return sorted(path.name for path in run_dir.iterdir() if "checkpoint-" in path.name)
-
-
-def trainer_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / "trainer_state.json").read_text())
-
-
 # ----- exact resume, SIGTERM, rotation (plain engine, float32) -----
 
 @pytest.fixture(scope="module")
@@ -138,8 +110,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(sigterm_run):
     assert completed.returncode == 0, completed.stderr
     assert "Traceback" not in completed.stderr
     assert stop_step >= 3  # the signal was sent after checkpoint-2 appeared, so during step 3 or later
-    assert trainer_state(run_dir / f"checkpoint-{stop_step}")["step"] == stop_step
-    assert (run_dir / f"checkpoint-{stop_step}" / "model.safetensors").is_file()
+    # the fixture's copy: test_resume_after_sigterm_is_exact rotates checkpoint-STOP out of run_b
+    stopped = run_dir.parent / "stopped_checkpoint"
+    assert trainer_state(stopped)["step"] == stop_step
+    assert (stopped / "model.safetensors").is_file()
     assert f"at step {stop_step}" in completed.stdout
     assert not list(run_dir.glob(".checkpoint-*.tmp"))
 
@@ -156,7 +130,7 @@ def test_resume_after_sigterm_is_exact(text_cache, runs_dir, run_a, sigterm_run)
     resumed_files = [path for path in event_files(run_b) if path not in before]
     assert len(resumed_files) == 1
     resumed = events(resumed_files[0])
-    straight = only_event_file(run_a)
+    straight = only_events(run_a)
 
     resumed_loss, straight_loss = scalars(resumed, "train/loss"), scalars(straight, "train/loss")
     steps = list(range(stop_step + 1, RESUME_STEPS + 1))
@@ -181,8 +155,8 @@ def test_resume_without_rng_state_is_not_exact(text_cache, runs_dir, run_a, sigt
     assert pretrain(text_cache, runs_dir, "run_c", *RESUME_FLAGS,
                     "--resume_from_checkpoint", runs_dir / "stopped_checkpoint") == 0
     step = stop_step + 1
-    assert scalars(only_event_file(runs_dir / "run_c"), "train/loss")[step] != \
-        scalars(only_event_file(run_a), "train/loss")[step]
+    assert scalars(only_events(runs_dir / "run_c"), "train/loss")[step] != \
+        scalars(only_events(run_a), "train/loss")[step]
 
 
 def test_checkpoint_rotation_keeps_the_newest(run_a):
@@ -200,7 +174,7 @@ def test_overwrite_run_starts_afresh(text_cache, tmp_path):
                     "--overwrite_run") == 0
     run_dir = tmp_path / "again"
     assert checkpoint_names(run_dir) == ["checkpoint-1", "checkpoint-2"]  # checkpoint-3 of the old run is gone
-    assert sorted(scalars(only_event_file(run_dir), "train/loss")) == [2]  # and so are its events
+    assert sorted(scalars(only_events(run_dir), "train/loss")) == [2]  # and so are its events
 
 
 # ----- learning and TensorBoard -----
@@ -215,7 +189,7 @@ def learning_run(text_cache, runs_dir) -> Path:
 def test_loss_falls(learning_run):
     """Measured (deterministic on CPU): train loss 6.23 at step 1 → ~5.1 at steps 36-40; eval loss 5.46 at step 10
     → 5.14 at step 40. The bounds leave ~0.3 nat of margin (0.2 for the eval-to-eval drop)."""
-    accumulator = only_event_file(learning_run)
+    accumulator = only_events(learning_run)
     train_loss, eval_loss = scalars(accumulator, "train/loss"), scalars(accumulator, "eval/loss")
     uniform = math.log(VOCAB_SIZE)  # 6.24: the loss of a model that knows nothing
     assert abs(train_loss[1] - uniform) < 0.3
@@ -228,7 +202,7 @@ def test_loss_falls(learning_run):
 
 
 def test_tensorboard_scalars_and_text(learning_run, text_cache):
-    accumulator = only_event_file(learning_run)
+    accumulator = only_events(learning_run)
     tags = accumulator.Tags()
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/skipped_nonfinite",
                 "eval/loss", "eval/perplexity"):
@@ -257,80 +231,105 @@ def test_tensorboard_scalars_and_text(learning_run, text_cache):
     assert MegaTransformerConfig.from_yaml(learning_run / "checkpoint-40" / "config.yaml") == config
 
 
-# ----- DeepSpeed ZeRO-2, two CPU ranks -----
+# ----- DeepSpeed ZeRO-1/2/3, two CPU ranks: one launch for all stages -----
+
+# Every stage trains DS_STEPS steps straight through, then again from the straight run's checkpoint-DS_STOP. ZeRO-2
+# also covers bf16, gradient accumulation and gradient checkpointing; ZeRO-1 and ZeRO-3 run in float32.
+DS_STEPS, DS_STOP = 4, 2
+ZERO_STAGES = {
+    1: [],
+    2: ["--bf16", "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing"],
+    3: [],
+}
+
+
+def deepspeed_flags(stage: int, deepspeed_config: Path) -> list[str]:
+    return ["--use_deepspeed", "--deepspeed_config", deepspeed_config, "--max_steps", str(DS_STEPS),
+            "--warmup_steps", "1", "--learning_rate", "3e-3", "--logging_steps", "1", "--save_steps", str(DS_STOP),
+            "--eval_steps", str(DS_STEPS), "--eval_batches", "4", "--set", "hidden_dropout=0.1", *SMALL,
+            *ZERO_STAGES[stage]]
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(text_cache, tmp_path_factory) -> tuple[Path, str]:
+    """(runs directory, launcher output): for each stage, run zS straight through and zS_resumed from zS's
+    checkpoint-DS_STOP, all in one two-rank launch."""
+    runs = tmp_path_factory.mktemp("deepspeed_runs")
+    configs = {stage: REPO / f"ds_config_zero-{stage}.json" for stage in ZERO_STAGES}
+    # ZeRO-3 keeps weights under stage3_param_persistence_threshold elements whole on every rank, and every weight
+    # of this tiny model is under the shipped 1e5: without 0 here nothing would be partitioned
+    zero3 = json.loads(configs[3].read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    configs[3] = runs / "ds_config_zero-3_partition_all.json"
+    configs[3].write_text(json.dumps(zero3))
+    argument_lists = []
+    for stage in ZERO_STAGES:
+        flags = deepspeed_flags(stage, configs[stage])
+        argument_lists.append(pretrain_args(text_cache, runs, f"z{stage}", *flags))
+        argument_lists.append(pretrain_args(text_cache, runs, f"z{stage}_resumed", *flags, "--resume_from_checkpoint",
+                                            runs / f"z{stage}" / f"checkpoint-{DS_STOP}"))
+    return runs, run_two_ranks("pretrain_wm.py", *argument_lists)
+
 
 @pytest.mark.slow
-def test_deepspeed_zero2_two_ranks_save_and_resume(text_cache, tmp_path):
-    flags = ["--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16",
-             "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing", "--save_steps", "2",
-             "--eval_steps", "2", *SMALL]
-
-    def launch(*extra):
-        return run_two_ranks("pretrain_wm.py", pretrain_args(text_cache, tmp_path, "ds", *flags, *extra))
-
-    run_dir = tmp_path / "ds"
-    launch("--max_steps", "4")
-    checkpoint = run_dir / "checkpoint-4"
-    for name in ("deepspeed", "rng_state_0.pt", "rng_state_1.pt", "model.safetensors", "config.yaml"):
+@pytest.mark.parametrize("stage", list(ZERO_STAGES))
+def test_deepspeed_two_ranks_checkpoint_layout(deepspeed_runs, stage):
+    runs, output = deepspeed_runs
+    assert f"finished {runs / f'z{stage}'} at step {DS_STEPS}" in output
+    run_dir = runs / f"z{stage}"
+    assert checkpoint_names(run_dir) == [f"checkpoint-{DS_STOP}", f"checkpoint-{DS_STEPS}"]
+    checkpoint = run_dir / f"checkpoint-{DS_STEPS}"
+    for name in DEEPSPEED_CHECKPOINT_FILES:
         assert (checkpoint / name).exists(), name
     assert not (checkpoint / "optimizer.pt").exists()
-    state = trainer_state(checkpoint)
-    assert (state["step"], state["micro_batches"], state["world_size"]) == (4, 8, 2)
-    # a batch is 4 x 64 tokens; each step is 2 micro-batches on each of 2 ranks
-    assert state["tokens"] == 4 * 2 * 2 * 4 * 64
-
-    output = launch("--max_steps", "6", "--resume_from_checkpoint", "latest")
-    assert "finished" in output and "at step 6" in output
-    assert checkpoint_names(run_dir) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
-    state = trainer_state(run_dir / "checkpoint-6")
-    assert (state["step"], state["micro_batches"], state["world_size"]) == (6, 12, 2)
-    resumed = events(event_files(run_dir)[-1])
-    assert sorted(scalars(resumed, "train/loss")) == [6]  # logging_steps 10: only the last step is logged
-    assert math.isfinite(scalars(resumed, "eval/loss")[6])
-
-    before, after = (load_file(run_dir / f"checkpoint-{step}" / "model.safetensors") for step in (4, 6))
-    assert any(not torch.equal(before[name], after[name]) for name in before)  # the resumed steps trained
-    model = load_pretrained(run_dir / "checkpoint-6", dtype=torch.float32)
-    assert model.config.vocab_size == VOCAB_SIZE
-    assert all(torch.isfinite(parameter).all() for parameter in model.parameters())
-    prompt = torch.tensor([[0, 5, 6, 7]])
-    generated = model.generate(prompt, max_new_tokens=6)
-    assert generated.shape[0] == 1 and 5 <= generated.shape[1] <= 10
-    assert torch.equal(generated[:, :4], prompt)
+    accumulation = 2 if stage == 2 else 1
+    for name in (f"z{stage}", f"z{stage}_resumed"):
+        state = trainer_state(runs / name / f"checkpoint-{DS_STEPS}")
+        assert (state["step"], state["micro_batches"], state["world_size"]) == (DS_STEPS, DS_STEPS * accumulation, 2)
+        # a batch is 4 x 64 tokens; each step is `accumulation` micro-batches on each of 2 ranks
+        assert state["tokens"] == DS_STEPS * accumulation * 2 * 4 * 64
+    weights = load_file(checkpoint / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.bfloat16 if stage == 2 else torch.float32}
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_exports_full_weights(text_cache, tmp_path):
-    """ZeRO-3 partitions the weights themselves: the checkpoint's model.safetensors must still hold them all."""
-    run_two_ranks("pretrain_wm.py", pretrain_args(text_cache, tmp_path, "z3", "--use_deepspeed", "--deepspeed_config",
-                                                  "ds_config_zero-3.json", "--max_steps", "2", *SMALL))
-    model = load_pretrained(tmp_path / "z3" / "checkpoint-2")
-    reference = build_model(model.config)
-    for (name, loaded), (_, fresh) in zip(model.named_parameters(), reference.named_parameters()):
-        assert loaded.shape == fresh.shape, name
+@pytest.mark.parametrize("stage", list(ZERO_STAGES))
+def test_deepspeed_two_ranks_resume_is_exact(deepspeed_runs, stage):
+    """The run resumed from checkpoint-DS_STOP logs the straight run's losses and learning rates and ends with its
+    weights. DeepSpeed's restored engine recomputes the same float32 (ZeRO-2: bf16 with float32 masters) numbers in
+    the same order, so the runs agree to the bit on CPU; the tolerance (1e-6 relative) only allows for a reduction
+    order that another gloo or DeepSpeed version may change. A resume that restored nothing would start from the
+    initial weights again: its step-3 loss differs from the straight run's by ~0.2."""
+    runs, _ = deepspeed_runs
+    straight_dir, resumed_dir = runs / f"z{stage}", runs / f"z{stage}_resumed"
+    resumed = only_events(resumed_dir)
+    for tag in ("train/loss", "train/lr", "train/grad_norm"):
+        assert sorted(scalars(resumed, tag)) == list(range(DS_STOP + 1, DS_STEPS + 1)), tag
+    assert_resumed_run_matches(straight_dir, resumed_dir, ("train/loss", "train/lr", "train/grad_norm", "eval/loss"),
+                               DS_STEPS, rel=1e-6, atol=1e-7)
+    # the resumed steps trained
+    assert differs(checkpoint_weights(straight_dir, DS_STOP), checkpoint_weights(straight_dir, DS_STEPS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_deepspeed_exported_weights_reproduce_the_logged_eval_loss(deepspeed_runs, text_cache, stage):
+    """model.safetensors holds every weight, also under ZeRO-3 (which partitions the weights themselves): the model
+    load_pretrained reads from it, evaluated in this process on the same validation batches, gives the eval loss
+    the two ranks logged (float32; they split the batches and summed in float64)."""
+    runs, _ = deepspeed_runs
+    checkpoint = runs / f"z{stage}" / f"checkpoint-{DS_STEPS}"
+    model = load_pretrained(checkpoint, dtype=torch.float32)
+    cache = TextTokenCache(text_cache)
+    val = [{"input_ids": ids} for ids in evaluation_batches(cache.tokens("val"), 64, 4, 4)]
+    loss = evaluate_lm(model, val, torch.device("cpu"))["eval/loss"]
+    logged = scalars(only_events(runs / f"z{stage}"), "eval/loss")[DS_STEPS]
+    assert loss == pytest.approx(logged, rel=1e-5)
+    untrained = evaluate_lm(build_model(model.config), val, torch.device("cpu"))["eval/loss"]
+    assert abs(untrained - logged) > 0.05  # the comparison can tell trained weights from fresh ones
 
 
 # ----- non-finite losses (the loop directly, with a fake task) -----
-
-def nan_task(nan_micro_batches: set[int]) -> TrainingTask:
-    """A tiny LM on random ids whose loss is NaN (still attached to the graph) at the given micro-batch indices."""
-    config = MegaTransformerConfig.from_name("tiny").with_overrides(
-        ["vocab_size=64", "hidden_size=32", "n_layers=1", "n_heads=2", "n_query_groups=1", "intermediate_size=64",
-         "max_position_embeddings=32"])
-    model = build_model(config)
-
-    def train_batch(i: int) -> dict:
-        generator = torch.Generator().manual_seed(i)
-        return {"input_ids": torch.randint(0, 64, (2, 16), generator=generator),
-                "poison": torch.tensor(i in nan_micro_batches)}
-
-    def loss(model, batch, step):
-        value = model(batch["input_ids"], labels=batch["input_ids"]).loss
-        return value * float("nan") if batch["poison"] else value
-
-    return TrainingTask(model=model, config=config, train_batch=train_batch, loss=loss,
-                        batch_size=lambda batch: batch["input_ids"].numel())
-
 
 class StepRecorder:
     """Extra checkpoint state for the loop: the steps after_step saw, saved as JSON."""
@@ -350,7 +349,7 @@ class StepRecorder:
 
 def test_after_step_runs_each_step_and_extra_state_resumes(tmp_path):
     first = StepRecorder()
-    task = nan_task(set())
+    task = tiny_lm_task(set())
     task.after_step, task.extra_state = first.after_step, first
     args = loop_args(tmp_path, "extras", "--save_steps", 2, "--max_steps", 3)
     train(task, args, start_run(args))
@@ -358,7 +357,7 @@ def test_after_step_runs_each_step_and_extra_state_resumes(tmp_path):
     assert json.loads((tmp_path / "extras" / "checkpoint-2" / "steps.json").read_text()) == [1, 2]
 
     resumed = StepRecorder()
-    task = nan_task(set())
+    task = tiny_lm_task(set())
     task.after_step, task.extra_state = resumed.after_step, resumed
     args = loop_args(tmp_path, "extras", "--save_steps", 2, "--max_steps", 4,
                      "--resume_from_checkpoint", tmp_path / "extras" / "checkpoint-2")
@@ -366,39 +365,31 @@ def test_after_step_runs_each_step_and_extra_state_resumes(tmp_path):
     assert resumed.steps == [1, 2, 3, 4]  # [1, 2] restored from checkpoint-2, then steps 3 and 4
 
 
-def loop_args(tmp_path, run_name: str, *extra):
-    args = build_parser("x").parse_args(["--run_name", run_name, "--runs_dir", str(tmp_path), "--device", "cpu",
-                                         "--max_steps", "4", "--logging_steps", "1", "--save_steps", "100",
-                                         "--no_progress_bar", *map(str, extra)])
-    check_arguments(args)
-    return args
-
-
 def test_one_nonfinite_loss_is_skipped(tmp_path):
     args = loop_args(tmp_path, "one_nan", "--gradient_accumulation_steps", 2)
     context = start_run(args)
-    summary = train(nan_task({2}), args, context)
+    summary = train(tiny_lm_task({2}), args, context)
     assert summary["step"] == 4 and summary["skipped_nonfinite"] == 1 and summary["stopped_by"] is None
     # the NaN micro-batch was replaced by the next one: 4 steps x 2 finite micro-batches + 1 skipped
     state = trainer_state(context.run_dir / "checkpoint-4")
     assert state["micro_batches"] == 9 and state["skipped_nonfinite"] == 1 and state["tokens"] == 8 * 2 * 16
     weights = load_file(context.run_dir / "checkpoint-4" / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
-    accumulator = only_event_file(context.run_dir)
+    accumulator = only_events(context.run_dir)
     assert all(math.isfinite(value) for value in scalars(accumulator, "train/loss").values())
     assert scalars(accumulator, "train/skipped_nonfinite") == {1: 0, 2: 1, 3: 1, 4: 1}
 
 
 def test_nonfinite_counter_resets_after_a_finite_loss(tmp_path):
     args = loop_args(tmp_path, "nan_pairs", "--max_consecutive_nonfinite", 3)
-    summary = train(nan_task({1, 2, 4, 5}), args, start_run(args))
+    summary = train(tiny_lm_task({1, 2, 4, 5}), args, start_run(args))
     assert summary["step"] == 4 and summary["skipped_nonfinite"] == 4
 
 
 def test_consecutive_nonfinite_losses_stop_the_run(tmp_path):
     args = loop_args(tmp_path, "nan_run", "--max_consecutive_nonfinite", 3)
     with pytest.raises(TrainingStopped, match=r"3 non-finite losses in a row at step 2\b"):
-        train(nan_task({1, 2, 3}), args, start_run(args))
+        train(tiny_lm_task({1, 2, 3}), args, start_run(args))
 
 
 # ----- bad input: a clear `error:` line, no traceback -----

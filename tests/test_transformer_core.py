@@ -10,6 +10,7 @@ from transformers import GPTNeoXConfig
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
 
+from helpers import count_calls
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model
 from model.transformer.attention import Attention, AttentionInputs, KVCache, build_attention_bias
@@ -132,12 +133,15 @@ def test_padded_batch_equals_single_sequences(variant):
 @pytest.mark.parametrize("variant", ["rotary_gqa", "moe_geglu", "learned_gelu_layernorm"])
 def test_gradient_checkpointing_gives_same_gradients(variant):
     ids = torch.randint(0, 97, (2, 12))
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         model = build(variant).train()
         model.set_gradient_checkpointing(checkpointing)
-        model(ids, labels=ids).loss.backward()
+        with count_calls(model.blocks) as counts:
+            model(ids, labels=ids).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        calls.append(counts)
+    assert calls == [{0: 1, 1: 1}, {0: 2, 1: 2}]  # checkpointed blocks run again in the backward pass
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
 

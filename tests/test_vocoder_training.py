@@ -1,12 +1,11 @@
 """pretrain_vocoder.py on the shared loop: aligned crops that are a pure function of the batch index, the minimum
 segment, bfloat16 losses, spectrogram images, a short run on builtin:speech in which eval/mel_l1 falls (with its
 TensorBoard terms, audio and images, and a checkpoint that load_pretrained reads back), a GAN run whose discriminator
-trains only from its start step, exact resume, a two-rank DeepSpeed ZeRO-2 bf16 GAN run (slow), and clear errors
-for bad input."""
+trains only from its start step, exact resume, a two-rank DeepSpeed ZeRO-2 bf16 GAN run that resumes exactly (slow),
+and clear errors for bad input."""
 
 import argparse
 import io
-import json
 import math
 import shutil
 from pathlib import Path
@@ -16,11 +15,12 @@ import pytest
 import soundfile
 import torch
 from safetensors.torch import load_file
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import preprocess_vocoder_dataset
 import pretrain_vocoder
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
+from helpers import (assert_resumed_run_matches, assert_same_weights, check_two_rank_gan_checkpoint, checkpoint_weights,
+                     differs, only_events, scalars)
 from model.audio.criteria import MultiResolutionSTFTLoss
 from model.audio.features import AudioFeatureConfig, log_mel, num_samples
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder, model_config_lookup
@@ -68,18 +68,6 @@ def task_args(**overrides) -> argparse.Namespace:
     values = dict(batch_size=2, seed=3, segment_frames=24, eval_batches=2, eval_steps=5, generation_steps=None,
                   sample_clips=1, use_gan=False, gan_start_step=0, discriminator_lr=1e-3)
     return argparse.Namespace(**{**values, **overrides})
-
-
-def events(run_dir: Path) -> EventAccumulator:
-    files = sorted(run_dir.glob("events.out.tfevents.*"))
-    assert len(files) == 1, files
-    accumulator = EventAccumulator(str(files[0]), size_guidance={"scalars": 0, "audio": 0, "images": 0})
-    accumulator.Reload()
-    return accumulator
-
-
-def scalars(accumulator: EventAccumulator, tag: str) -> dict[int, float]:
-    return {event.step: event.value for event in accumulator.Scalars(tag)}
 
 
 # ----- segment length, precision, images (no espeak needed; crops and batches: test_vocoder_cache.py) -----
@@ -206,7 +194,7 @@ def learning_run(speech_caches, runs_dir) -> Path:
 def test_mel_l1_falls(learning_run):
     """Measured (deterministic on CPU): eval/mel_l1 2.23 at step 5 → 1.90 at step 30 (falling at every
     evaluation), eval/mrstft 3.86 → 3.24."""
-    accumulator = events(learning_run)
+    accumulator = only_events(learning_run)
     mel_l1, mrstft = scalars(accumulator, "eval/mel_l1"), scalars(accumulator, "eval/mrstft")
     steps = list(range(5, LEARNING_STEPS + 1, 5))
     assert sorted(mel_l1) == sorted(mrstft) == steps
@@ -217,7 +205,7 @@ def test_mel_l1_falls(learning_run):
 
 @needs_espeak
 def test_tensorboard_terms_audio_and_images(learning_run, speech_caches):
-    accumulator = events(learning_run)
+    accumulator = only_events(learning_run)
     tags = accumulator.Tags()
     for term in ("loss", "reconstruction", "mel_l1", "stft_spectral_convergence", "stft_log_magnitude",
                  "phase_instantaneous", "phase_group_delay", "phase_instantaneous_frequency", "lr", "grad_norm",
@@ -257,7 +245,7 @@ def test_checkpoint_holds_the_trained_vocoder(learning_run, speech_caches):
             generated, _ = vocoder(item["mel"][None])
             metrics.append(reconstruction_metrics(generated, item["waveform"][None, :generated.shape[-1]], config,
                                                   stft_loss))
-    logged = events(learning_run)
+    logged = only_events(learning_run)
     for name in ("mel_l1", "mrstft"):
         mean = sum(float(m[name]) for m in metrics) / len(metrics)
         assert mean == pytest.approx(scalars(logged, f"eval/{name}")[LEARNING_STEPS], rel=1e-5), name
@@ -277,16 +265,13 @@ def gan_run(speech_caches, runs_dir) -> Path:
 @needs_espeak
 def test_gan_trains_the_discriminator_from_its_start_step(gan_run):
     def weights(step, network=""):
-        return load_file(gan_run / f"checkpoint-{step}" / network / "model.safetensors")
+        return checkpoint_weights(gan_run, step, network)
 
-    def same(a, b):
-        return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
-
-    assert same(weights(1, "discriminator"), weights(2, "discriminator"))  # steps 1 and 2: before the start
-    assert not same(weights(2, "discriminator"), weights(3, "discriminator"))
-    assert not same(weights(3, "discriminator"), weights(4, "discriminator"))
-    assert not same(weights(1), weights(2))  # the vocoder trains from the first step
-    accumulator = events(gan_run)
+    assert not differs(weights(1, "discriminator"), weights(2, "discriminator"))  # steps 1 and 2: before the start
+    assert differs(weights(2, "discriminator"), weights(3, "discriminator"))
+    assert differs(weights(3, "discriminator"), weights(4, "discriminator"))
+    assert differs(weights(1), weights(2))  # the vocoder trains from the first step
+    accumulator = only_events(gan_run)
     for tag in ("train/discriminator/loss", "train/discriminator/logits_real", "train/discriminator/logits_fake",
                 "train/discriminator/lr", "train/adversarial", "train/feature_matching"):
         assert sorted(scalars(accumulator, tag)) == [3, 4, 5], tag
@@ -302,58 +287,51 @@ def test_gan_resume_is_exact(gan_run, speech_caches, runs_dir):
     shutil.copytree(gan_run / "checkpoint-3", stopped)
     assert pretrain(speech_caches, runs_dir, "gan_resumed", *GAN_FLAGS, "--resume_from_checkpoint", stopped) == 0
     resumed_dir = runs_dir / "gan_resumed"
-    resumed, straight = events(resumed_dir), events(gan_run)
+    resumed, straight = only_events(resumed_dir), only_events(gan_run)
     for tag in ("train/loss", "train/mel_l1", "train/adversarial", "train/discriminator/loss",
                 "train/discriminator/logits_fake", "eval/mel_l1"):
         values = scalars(resumed, tag)
         assert sorted(values) == ([5] if tag.startswith("eval") else [4, 5]), tag
         assert values == {step: scalars(straight, tag)[step] for step in values}, tag
     for network in ("", "discriminator"):
-        a = load_file(gan_run / "checkpoint-5" / network / "model.safetensors")
-        b = load_file(resumed_dir / "checkpoint-5" / network / "model.safetensors")
-        assert a.keys() == b.keys()
-        for name in a:
-            assert torch.equal(a[name], b[name]), (network, name)
+        assert_same_weights(checkpoint_weights(gan_run, 5, network), checkpoint_weights(resumed_dir, 5, network))
 
 
-# ----- DeepSpeed ZeRO-2, two CPU ranks, bf16, with the GAN -----
+# ----- DeepSpeed ZeRO-2, two CPU ranks, bf16, with the GAN: straight and resumed in one launch -----
 
 @needs_espeak
 @pytest.mark.slow
 def test_deepspeed_zero2_two_ranks_bf16_gan(speech_caches, tmp_path):
-    output = run_two_ranks("pretrain_vocoder.py", pretrain_args(
-        speech_caches, tmp_path, "ds", "--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16",
-        "--gradient_accumulation_steps", 2, "--batch_size", 2, "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3,
-        "--eval_batches", 2, "--logging_steps", 1, "--sample_clips", 1, "--segment_frames", 16, "--use_gan",
-        "--gan_start_step", 1, *SMALL_DISCRIMINATOR))
-    assert "finished" in output and "at step 3" in output
+    """Three steps straight through, then again from checkpoint-2: both networks' DeepSpeed states must come back
+    (a resume that restored nothing would log other step-3 losses and end with other weights)."""
+    flags = ["--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json", "--bf16", "--gradient_accumulation_steps",
+             2, "--batch_size", 2, "--max_steps", 3, "--save_steps", 1, "--eval_steps", 3, "--eval_batches", 2,
+             "--logging_steps", 1, "--sample_clips", 1, "--segment_frames", 16, "--use_gan", "--gan_start_step", 1,
+             *SMALL_DISCRIMINATOR]
+    run_dir, resumed_dir = tmp_path / "ds", tmp_path / "ds_resumed"
+    output = run_two_ranks("pretrain_vocoder.py", pretrain_args(speech_caches, tmp_path, "ds", *flags),
+                           pretrain_args(speech_caches, tmp_path, "ds_resumed", *flags, "--resume_from_checkpoint",
+                                         run_dir / "checkpoint-2"))
+    assert f"finished {run_dir} at step 3" in output and f"finished {resumed_dir} at step 3" in output
 
-    run_dir = tmp_path / "ds"
-    checkpoint = run_dir / "checkpoint-3"
-    for name in ("deepspeed", "rng_state_0.pt", "rng_state_1.pt", "model.safetensors", "config.yaml",
-                 "discriminator/deepspeed", "discriminator/model.safetensors"):
-        assert (checkpoint / name).exists(), name
-    trainer = json.loads((checkpoint / "trainer_state.json").read_text())
-    assert (trainer["step"], trainer["micro_batches"], trainer["world_size"]) == (3, 6, 2)
+    trainer = check_two_rank_gan_checkpoint(run_dir, 3, accumulation=2)
     # audio seconds: steps x accumulation x ranks x batch x 15 hops of 256 samples at 16 kHz
     assert trainer["tokens"] == pytest.approx(3 * 2 * 2 * 2 * 15 * HOP / 16000)
-
-    def differs(step_a, step_b, network=""):
-        a, b = (load_file(run_dir / f"checkpoint-{step}" / network / "model.safetensors") for step in (step_a, step_b))
-        return any(not torch.equal(a[name], b[name]) for name in a)
-
-    weights = load_file(checkpoint / "model.safetensors")
-    assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values())  # DeepSpeed's bf16 weights
-    assert differs(1, 3) and differs(1, 2, "discriminator") and differs(2, 3, "discriminator")
-    accumulator = events(run_dir)
+    accumulator = only_events(run_dir)
     assert sorted(scalars(accumulator, "train/discriminator/loss")) == [2, 3]
     assert sorted(scalars(accumulator, "train/adversarial")) == [2, 3]
     assert all(math.isfinite(scalars(accumulator, f"eval/{name}")[3]) for name in ("mel_l1", "mrstft"))
-    vocoder = load_pretrained(checkpoint, family="vocoder")
+    vocoder = load_pretrained(run_dir / "checkpoint-3", family="vocoder")
     assert all(parameter.dtype == torch.float32 for parameter in vocoder.parameters())
     with torch.no_grad():
         waveform, _ = vocoder(ShardedCache(speech_caches[1])[0]["mel"][None])
     assert torch.isfinite(waveform).all()
+
+    # the resumed run: the same step-3 numbers (bf16 weights with float32 masters, recomputed in the same order on
+    # CPU: equal to the bit here; 1e-6 leaves room for another reduction order) and the same final weights
+    assert_resumed_run_matches(run_dir, resumed_dir, ("train/loss", "train/mel_l1", "train/adversarial",
+                                                      "train/discriminator/loss", "eval/mel_l1"),
+                               3, networks=("", "discriminator"), rel=1e-6, atol=1e-7)
 
 
 # ----- flags and bad input -----

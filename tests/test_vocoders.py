@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from model.audio.criteria import mel_l1_loss
 from model.audio.features import log_mel, num_samples, stft
 from model.audio.vocoders import (FrequencyDomainVocoder, LightHeadedFrequencyDomainVocoder,
                                   SplitBandFrequencyDomainVocoder, VocoderConfig, VocoderWithLoss, build_vocoder,
@@ -78,8 +79,16 @@ def test_output_length_follows_the_mel_frames_for_any_input_length(length):
     hop = vocoder.config.hop_length
     assert waveform.shape[-1] == num_samples(mel.shape[-1], vocoder.config.features) == length - length % hop
     assert spec.shape[-1] == mel.shape[-1]
-    if waveform.shape[-1] >= VocoderWithLoss(vocoder).min_samples:
-        VocoderWithLoss(vocoder)(mel, clip)  # the clip the mel came from is accepted as target
+    with_loss = VocoderWithLoss(vocoder)
+    if waveform.shape[-1] < with_loss.min_samples:
+        with pytest.raises(ValueError, match="use longer segments"):
+            with_loss(mel, clip)
+        return
+    with torch.no_grad():  # the clip the mel came from is the target: its first (T - 1) * hop samples
+        output = with_loss(mel, clip)
+    torch.testing.assert_close(output.waveform, waveform, rtol=0, atol=0)
+    expected = mel_l1_loss(waveform, clip[:, :waveform.shape[-1]], vocoder.config.features)
+    torch.testing.assert_close(output.losses["mel_l1"], expected, rtol=1e-6, atol=0)
 
 
 class OracleHead(nn.Module):
