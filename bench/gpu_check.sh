@@ -36,11 +36,13 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .whl
     for entry in $WHEELS; do
         spec=${entry%%:*}
-        # binary wheels for the GPU image's CPython 3.12 on x86-64; DeepSpeed ships only a source archive
-        binary=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-                --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-        [ "${spec%%==*}" = deepspeed ] && binary=(--no-binary=:all:)
-        "$PY" -m pip download -q --no-deps "${binary[@]}" -d .whl "$spec" || echo "could not download $spec"
+        # a wheel for the GPU image's CPython 3.12 on x86-64, else the source archive (DeepSpeed and encodec ship
+        # only that; the install below builds it there without build isolation)
+        "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+            --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d .whl "$spec" 2>/dev/null \
+        || "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl "$spec" 2>/dev/null \
+        || echo "could not download $spec"
     done
     ls -la .whl
     exit 0

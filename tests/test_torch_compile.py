@@ -4,6 +4,8 @@ checkpointing), and evaluation and samples still run.
 Compiling the forward and backward of a 2-layer model with Inductor costs ~10 s with a warm Inductor cache
 and ~2 minutes cold on 2 CPU cores (gcc builds the kernels): one compiled run per test."""
 
+import socket
+
 import pytest
 import torch
 
@@ -75,3 +77,28 @@ def test_compiled_training_has_the_eager_losses(tmp_path):
     assert eager[-1] < eager[1] - 0.1  # the weights did move (lr 1e-2): later losses test the optimizer steps too
     assert compiled_eval == pytest.approx(eager_eval, abs=TOLERANCE)
     assert compiled_summary["samples/text"] == eager_summary["samples/text"]
+
+
+@pytest.mark.slow
+def test_compiled_deepspeed_run_has_the_eager_losses(tmp_path, monkeypatch):
+    """DeepSpeed's engine.compile() under ZeRO-2, as one rank in this process (gloo)."""
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    flags = ["--use_deepspeed", "--deepspeed_config", "ds_config_zero-2.json"]
+    try:
+        eager, _, _ = run(tmp_path, "ds_eager", *flags)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled, _, _ = run(tmp_path, "ds_compiled", *flags, "--torch_compile")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert compiled == pytest.approx(eager, abs=TOLERANCE)
+    assert eager[-1] < eager[1] - 0.1
