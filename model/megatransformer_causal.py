@@ -22,6 +22,7 @@ from model.transformer.attention import KVCache
 from model.transformer.block import TransformerBlock
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.moe import MixtureOfExperts
+from model.transformer.static_cache import StaticKVCache
 from model.transformer.norms import make_norm
 
 lookup = ConfigRegistry(MegaTransformerConfig, ("causal",))
@@ -127,6 +128,20 @@ class MegaTransformerCausalLM(nn.Module):
                               past_key_values=cache if use_cache or past_key_values is not None else None)
 
     generate = generate
+
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+                    slots: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """One step of decoding on a static cache, shape-stable so that torch.compile traces it once.
+
+        input_ids, position_ids: (B, T) new tokens, written at cache slots `slots` (T,) of `cache`;
+        key_mask: (B, S) 1 where a slot holds a real token (these T included) → logits (B, vocab_size) of
+        the last new position."""
+        x = self.embedding.embed(input_ids, position_ids)
+        attention_inputs = self.embedding.static_cache_inputs(position_ids, key_mask, slots, x.dtype)
+        writer = cache.at(slots)
+        for block in self.blocks:
+            x, _ = block(x, attention_inputs, writer)
+        return self.lm_head(self.final_norm(x[:, -1]))
 
     def num_parameters(self, exclude_embeddings: bool = False, active_only: bool = False) -> int:
         """Parameter count. exclude_embeddings drops token/position embeddings (the LM head too when tied);

@@ -23,11 +23,14 @@ logger = logging.getLogger(__name__)
 
 
 class PlainEngine:
-    """Single-process training: autocast for bf16/fp16 (float32 weights), GradScaler for fp16."""
+    """Single-process training: autocast for bf16/fp16 (float32 weights), GradScaler for fp16. With
+    --torch_compile the module is compiled in place (`nn.Module.compile`: its weights and state dict unchanged)."""
 
     def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int, learning_rate: float,
                  schedule_steps: int):
         self.module = model.to(device)
+        if args.torch_compile:
+            self.module.compile()
         self.device = device
         self.accumulation = args.gradient_accumulation_steps
         self.max_grad_norm = args.max_grad_norm
@@ -109,7 +112,8 @@ def resolve_deepspeed_config(path: str, args, world_size: int) -> dict:
 
 class DeepSpeedEngine:
     """DeepSpeed's engine with our AdamW and schedule. Gradient accumulation, clipping, loss scaling and
-    ZeRO partitioning are DeepSpeed's; under bf16 the module's weights are bfloat16 with float32 masters."""
+    ZeRO partitioning are DeepSpeed's; under bf16 the module's weights are bfloat16 with float32 masters.
+    --torch_compile calls DeepSpeed's `engine.compile()`, which compiles the module in place."""
 
     def __init__(self, model: nn.Module, args, device: torch.device, warmup_steps: int, world_size: int,
                  learning_rate: float, schedule_steps: int):
@@ -123,6 +127,8 @@ class DeepSpeedEngine:
             _batch_norms_to(model, half)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=config)
+        if args.torch_compile:
+            self.engine.compile()
         self.module = self.engine.module
         self.device = device
         self.accumulation = args.gradient_accumulation_steps

@@ -229,12 +229,15 @@ def train(task: TrainingTask, args, context: RunContext) -> dict:
                 window = _Window()
 
             if task.evaluate and (step % args.eval_steps == 0 or step == args.max_steps):
-                metrics = task.evaluate(model)
+                with torch.compiler.set_stance("force_eager"):  # --torch_compile: only training steps compile
+                    metrics = task.evaluate(model)
                 monitor.scalars(metrics, step)
                 monitor.message(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 summary.update(metrics)
             if task.samples and task.generation_steps and (step % task.generation_steps == 0 or step == args.max_steps):
-                for tag, sample in task.samples(model).items():
+                with torch.compiler.set_stance("force_eager"):
+                    samples = task.samples(model)
+                for tag, sample in samples.items():
                     monitor.sample(tag, sample, step)
                     if isinstance(sample, str):
                         summary[tag] = sample

@@ -10,6 +10,7 @@ from megatransformer_utils import MegaTransformerConfig
 from model.transformer.attention import AttentionInputs, build_attention_bias
 from model.transformer.positions import (RotaryEmbedding, alibi_bias, alibi_slopes, position_ids_from_mask,
                                          sinusoidal_table)
+from model.transformer.static_cache import slot_attention_bias
 
 
 class DecoderEmbedding(nn.Module):
@@ -49,13 +50,7 @@ class DecoderEmbedding(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings="
                              f"{self.config.max_position_embeddings} of the absolute position embedding")
 
-        x = self.tokens(input_ids)
-        if self.positions is not None:
-            x = x + self.positions(position_ids)
-        if self.config.use_sinusoidal_embedding:
-            x = x + self.sinusoidal[position_ids].to(x.dtype)
-        x = self.dropout(x)
-
+        x = self.embed(input_ids, position_ids)
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         position_bias = None
         if self.config.use_alibi_bias:
@@ -65,3 +60,23 @@ class DecoderEmbedding(nn.Module):
         bias, is_causal = build_attention_bias(attention_mask, T, key_length, self.config.sliding_window,
                                                position_bias, x.dtype, x.device)
         return x, AttentionInputs(rotary=rotary, bias=bias, is_causal=is_causal)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids, position_ids: (B, T) → token (+ absolute position) embeddings (B, T, hidden_size)."""
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            x = x + self.positions(position_ids)
+        if self.config.use_sinusoidal_embedding:
+            x = x + self.sinusoidal[position_ids].to(x.dtype)
+        return self.dropout(x)
+
+    def static_cache_inputs(self, position_ids: torch.Tensor, key_mask: torch.Tensor, slots: torch.Tensor,
+                            dtype: torch.dtype) -> AttentionInputs:
+        """The attention inputs of T queries at cache slots `slots` (T,) of a StaticKVCache whose S slots
+        hold real tokens where key_mask (B, S) is 1. position_ids: (B, T). No data-dependent Python control
+        flow, so a compiled decode step traces it once."""
+        rotary = self.rotary(position_ids, dtype) if self.rotary is not None else None
+        position_bias = (alibi_bias(self.alibi_slopes, position_ids_from_mask(key_mask))
+                         if self.config.use_alibi_bias else None)
+        bias = slot_attention_bias(key_mask, slots, self.config.sliding_window, position_bias, dtype)
+        return AttentionInputs(rotary=rotary, bias=bias, is_causal=False)
