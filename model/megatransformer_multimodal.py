@@ -171,7 +171,7 @@ def is_multimodal_config(name: str) -> bool:
         return True
     if Path(name).suffix in (".yaml", ".yml"):
         path = resolve_config_path(name)
-        families = (path.parent.name,) if path.parent.parent == CONFIG_DIR else MultimodalConfig.FAMILIES
+        families = (path.parent.name,) if path.resolve().parent.parent == CONFIG_DIR else MultimodalConfig.FAMILIES
         values = _read_yaml_with_extends(path, (), families)
         return bool(values.get("media")) or values.get("model_family") == "multimodal"
     others = {path.stem for path in CONFIG_DIR.glob("*/*.yaml") if path.parent.name != "multimodal"}
