@@ -21,7 +21,7 @@ tokenizer is saved in OUTPUT_DIR/tokenizer: pass that directory as --tokenizer f
 
 Items (see data/multimodal_batches.py): caption_ids, caption, order, image_latent_mean/image_latent_logvar
 (C, h, w) of the VAE posterior and the builtin:shapes attributes; text_ids for text windows. meta.json records
-the VAE (checkpoint, config), media.image (latent_shape, latent_scale_factor = 1 / std of the posterior samples),
+the VAE (checkpoint, config, fingerprint of its weights), media.image (latent_shape, latent_scale_factor = 1 / std of the posterior samples),
 the tokenizer (vocabulary size, special tokens, fingerprint), the source and the counts.
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.image_latents import SHORT_SPLIT, LatentStatistics, image_items
+from data.image_latents import SHORT_SPLIT, LatentStatistics, checkpoint_fingerprint, image_items
 from data.image_sources import add_image_source_arguments
 from data.multimodal_batches import ORDERS
 from data.sharded_cache import ShardedCacheWriter, check_output_dir
@@ -150,7 +150,7 @@ def write_multimodal_cache(args) -> dict:
     tokenizer, tokenizer_origin, items = _choose_tokenizer(args, text_cache, items)
     encode_text = DocumentEncoder(tokenizer)
     dtype = STORAGE_DTYPES[args.storage_dtype]
-    statistics, skipped, images, text_items, caption_tokens = LatentStatistics(), [], 0, 0, 0
+    statistics, skipped, images, text_items, caption_tokens, longest = LatentStatistics(), [], 0, 0, 0, 0
     writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
     with writer, tqdm(total=count, desc="encoding", unit=" img") as progress:
         items = iter(items)
@@ -171,6 +171,7 @@ def write_multimodal_cache(args) -> dict:
                     writer.add({**entry, "order": order})
                 statistics.add(entry["image_latent_mean"], entry["image_latent_logvar"])
                 caption_tokens += len(caption_ids)
+                longest = max(longest, len(caption_ids))
                 images += 1
         if not images:
             raise ValueError(f"no image could be encoded ({len(skipped)} skipped)")
@@ -186,10 +187,12 @@ def write_multimodal_cache(args) -> dict:
                                 "latent_scale_factor": 1.0 / latent_std, "latent_mean": latent_mean,
                                 "latent_std": latent_std}},
             "orders": list(args.orders), "storage_dtype": args.storage_dtype,
-            "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()), "vae_config": vae.config.to_dict(),
+            "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()),
+            "vae_fingerprint": checkpoint_fingerprint(args.vae_checkpoint), "vae_config": vae.config.to_dict(),
             "vae_config_mismatch": mismatch, "tokenizer": {**describe_tokenizer(tokenizer, tokenizer_origin),
                                                            "directory": TOKENIZER_DIR},
-            "mean_caption_tokens": caption_tokens / images,
+            "mean_caption_tokens": caption_tokens / images, "longest_caption_tokens": longest,
+            "text_tokens": args.text_tokens if text_items else None,
             "text_cache": str(text_cache.cache_dir.resolve()) if text_cache is not None else None,
             "counts": {"images": images, "items": images * len(args.orders) + text_items, "text_items": text_items,
                        "skipped": len(skipped)}, "skipped": skipped[:MAX_LISTED_SKIPS]})

@@ -6,6 +6,7 @@ the images of one split, from an image cache or a source, and exact statistics o
 """
 
 import functools
+import hashlib
 import itertools
 import math
 from pathlib import Path
@@ -58,3 +59,13 @@ class LatentStatistics:
     def mean_and_std(self) -> tuple[float, float]:
         mean = self.total / self.count
         return mean, math.sqrt(max(self.total_square / self.count - mean ** 2, 0.0))
+
+
+def checkpoint_fingerprint(checkpoint_dir) -> str:
+    """A short SHA-256 of a checkpoint's model.safetensors: caches and runs made with the same weights share it,
+    wherever the checkpoint directory has moved."""
+    digest = hashlib.sha256()
+    with open(Path(checkpoint_dir) / "model.safetensors", "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]

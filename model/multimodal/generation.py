@@ -178,3 +178,20 @@ def generate_multimodal(model, prompt: list, max_new_tokens: int = 64, do_sample
         generated.append(TextSegment(text))
     model.train(was_training)
     return generated
+
+
+def text_to_image(model, prompt_ids: list, kind: str = "image", guidance_scale: Optional[float] = None,
+                  steps: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The clean latents (C, ...) of one span sampled after [bos] + prompt_ids + [begin]."""
+    config = model.config
+    prompt = [TextSegment([config.bos_token_id, *prompt_ids, config.begin_token_id(kind)])]
+    generated = generate_multimodal(model, prompt, max_new_tokens=1, guidance_scale=guidance_scale, steps=steps,
+                                    generator=generator)
+    return generated[0].latents
+
+
+def caption_media(model, latents: torch.Tensor, kind: str = "image", max_new_tokens: int = 48) -> list:
+    """The greedy caption (token ids, eos excluded) of one clean span: text after [bos] begin span end."""
+    generated = generate_multimodal(model, [TextSegment([model.config.bos_token_id]), MediaSegment(kind, latents)],
+                                    max_new_tokens=max_new_tokens, max_media=0)
+    return [token for segment in generated if isinstance(segment, TextSegment) for token in segment.token_ids]
