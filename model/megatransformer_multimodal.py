@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatransformer_utils import CONFIG_DIR, _read_yaml_with_extends, resolve_config_path
+from megatransformer_utils import CONFIG_DIR, _load_yaml, resolve_config_path
 from model.megatransformer_causal import count_parameters, init_weights
 from model.multimodal.config import MultimodalConfig
 from model.multimodal.media import build_media_codec, num_positions
@@ -164,16 +164,17 @@ def load_multimodal(directory, device: str | torch.device = "cpu",
 
 
 def is_multimodal_config(name: str) -> bool:
-    """pretrain_wm.py's rule "several modalities or a non-text one → multimodal": True for a YAML path whose
-    config has media, for `multimodal/NAME`, and for a name found only in configs/multimodal/ (the names shared
+    """pretrain_wm.py's rule "several modalities or a non-text one → multimodal": True for a YAML file in
+    configs/multimodal/ or one that sets media or model_family: multimodal itself, for `multimodal/NAME`, and for a name found only in configs/multimodal/ (the names shared
     with configs/causal/, such as `tiny`, stay causal unless written `multimodal/tiny`)."""
     if name.startswith("multimodal/"):
         return True
     if Path(name).suffix in (".yaml", ".yml"):
         path = resolve_config_path(name)
-        families = (path.parent.name,) if path.resolve().parent.parent == CONFIG_DIR else MultimodalConfig.FAMILIES
-        values = _read_yaml_with_extends(path, (), families)
-        return bool(values.get("media")) or values.get("model_family") == "multimodal"
+        if path.resolve().parent == CONFIG_DIR / "multimodal":
+            return True
+        values = _load_yaml(path.read_text()) or {}  # its own keys: `extends` resolves by the family it selects
+        return isinstance(values, dict) and (bool(values.get("media")) or values.get("model_family") == "multimodal")
     others = {path.stem for path in CONFIG_DIR.glob("*/*.yaml") if path.parent.name != "multimodal"}
     return name in lookup and name not in others
 
