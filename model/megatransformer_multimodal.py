@@ -9,7 +9,7 @@ sequence, next-token prediction on text and diffusion on media.
 
 A span of kind K is `begin_K, N latent positions, end_K`; the batch's input_ids hold any token id at the latent
 positions (they are replaced by the media encoder's embeddings). Attention is causal across the sequence and
-bidirectional inside a span (model/transformer/attention.py: build_attention_bias with span ids). The backbone is
+bidirectional inside a span (unless the media entry says attention: causal) (model/transformer/attention.py: build_attention_bias with span ids). The backbone is
 the causal stack of model/megatransformer_causal.py with every MegaTransformerConfig knob (GQA, RoPE/ALiBi,
 MoE, norms, sliding window, gradient checkpointing).
 
@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from megatransformer_utils import CONFIG_DIR, _load_yaml, resolve_config_path
 from model.megatransformer_causal import count_parameters, init_weights
 from model.multimodal.config import MultimodalConfig
-from model.multimodal.media import build_media_codec, num_positions
+from model.multimodal.media import build_media_codec, is_bidirectional, num_positions
 from model.multimodal.spans import MediaSpans, SpanKVCache
 from model.pretrained import load_weights
 from model.transformer.block import TransformerBlock
@@ -110,9 +110,10 @@ class MegaTransformerMultimodal(nn.Module):
                                  f"{rows[:, 0].tolist()}, starts {spans.starts.tolist()})")
             embedded = self.media_encoders[kind](spans.latents, spans.timesteps)
             tokens = tokens.index_put((rows, columns), embedded.to(tokens.dtype))
-            ids = torch.arange(next_id, next_id + len(spans), device=span_ids.device)
-            span_ids = span_ids.index_put((rows, columns), ids[:, None].expand_as(rows))
-            next_id += len(spans)
+            if is_bidirectional(self.config.media[kind]):
+                ids = torch.arange(next_id, next_id + len(spans), device=span_ids.device)
+                span_ids = span_ids.index_put((rows, columns), ids[:, None].expand_as(rows))
+                next_id += len(spans)
             placed[kind] = (rows, columns)
         all_span_ids = cache.extend_span_ids(span_ids) if cache is not None else span_ids
 

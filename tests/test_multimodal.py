@@ -86,6 +86,11 @@ def test_patches_of_one_image_see_each_other():
     with torch.no_grad():
         both = model(ids, media=media).media["image"], model(ids, media=media_changed).media["image"]
     assert not torch.allclose(both[0][..., :2, :2], both[1][..., :2, :2])
+    # attention: causal (Transfusion's ablation) hides it
+    causal = tiny_model(media={"image": {**IMAGE, "attention": "causal"}})
+    with torch.no_grad():
+        both = causal(ids, media=media).media["image"], causal(ids, media=media_changed).media["image"]
+    assert torch.equal(both[0][..., :2, :2], both[1][..., :2, :2])
 
 
 # ----- the cache and generation -----
@@ -234,7 +239,8 @@ def test_image_spans_in_a_text_only_config_are_refused():
 @pytest.mark.parametrize("media, message", [
     ({"video": {}}, "unknown kinds"),
     ({"image": {**IMAGE, "patch_size": 3}}, "must divide"),
-    ({"image": {"latent_channels": 2}}, "exactly the keys"),
+    ({"image": {"latent_channels": 2}}, "must be a mapping with the keys"),
+    ({"image": {**IMAGE, "attention": "sideways"}}, "must be one of bidirectional, causal"),
 ])
 def test_bad_media_entries_are_refused(media, message):
     with pytest.raises(ValueError, match=message):

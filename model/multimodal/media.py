@@ -6,8 +6,9 @@ turns the backbone's final hidden states at those positions into the diffusion m
 shape). A new modality (audio: latents (C, T) as frames along time, 1-D positions) is one more entry of
 MEDIA_KINDS: a settings check and an encoder/decoder pair.
 
-Image entry (config.media["image"]): latent_channels, latent_height, latent_width (the image VAE's latent grid)
-and patch_size (latent pixels per patch side). Patches are embedded by a linear map of the flattened patch (ViT /
+Image entry (config.media["image"]): latent_channels, latent_height, latent_width (the image VAE's latent grid),
+patch_size (latent pixels per patch side) and optionally attention: "bidirectional" (default: the patches of one
+image see each other, as in Transfusion) or "causal" (each patch sees only earlier ones: Transfusion's ablation). Patches are embedded by a linear map of the flattened patch (ViT /
 Transfusion's linear patchification) plus the timestep embedding and the fixed 2-D sin-cos position of the
 patch's grid cell (DiT's), so the backbone's own 1-D sequence positions need not encode the grid.
 """
@@ -18,13 +19,18 @@ from torch import nn
 from model.diffusion.dit import TIMESTEP_FREQUENCIES, sincos_2d, timestep_embedding
 
 IMAGE_KEYS = ("latent_channels", "latent_height", "latent_width", "patch_size")
+ATTENTION = ("bidirectional", "causal")
 
 
 def check_image_entry(entry: dict, hidden_size: int) -> None:
-    """ValueError unless `entry` holds exactly IMAGE_KEYS as positive integers with the patch dividing the grid."""
-    if not isinstance(entry, dict) or sorted(entry) != sorted(IMAGE_KEYS):
-        raise ValueError(f"config media 'image' must be a mapping with exactly the keys {', '.join(IMAGE_KEYS)}, "
-                         f"got {entry!r}")
+    """ValueError unless `entry` holds IMAGE_KEYS as positive integers with the patch dividing the grid, and
+    optionally a valid attention."""
+    if not isinstance(entry, dict) or sorted(set(entry) - {"attention"}) != sorted(IMAGE_KEYS):
+        raise ValueError(f"config media 'image' must be a mapping with the keys {', '.join(IMAGE_KEYS)} (and "
+                         f"optionally attention), got {entry!r}")
+    if entry.get("attention", ATTENTION[0]) not in ATTENTION:
+        raise ValueError(f"config media 'image' key 'attention' must be one of {', '.join(ATTENTION)}, got "
+                         f"{entry['attention']!r}")
     for key in IMAGE_KEYS:
         value = entry[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -102,6 +108,11 @@ def check_media_entry(kind: str, entry: dict, hidden_size: int) -> None:
 def num_positions(kind: str, entry: dict) -> int:
     """Sequence positions one span of `kind` occupies between its begin and end tokens."""
     return MEDIA_KINDS[kind][1](entry)
+
+
+def is_bidirectional(entry: dict) -> bool:
+    """Whether the positions of one span see each other (the entry's attention, bidirectional by default)."""
+    return entry.get("attention", ATTENTION[0]) == "bidirectional"
 
 
 def build_media_codec(kind: str, entry: dict, hidden_size: int) -> tuple[nn.Module, nn.Module]:
