@@ -29,9 +29,8 @@ WM_RUN=${WM_RUN:-${NAME}}
 ATTENTION=${ATTENTION:-bidirectional}
 VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64]" --set latent_channels=8
            --set reconstruction_loss=l1+mse --batch_size 32 --learning_rate 1e-3)
-# the tiny world model (hidden 128, 4 layers) over 8x8x8 latents in 2x2 patches (16 positions)
-WM_FLAGS=(--config multimodal/tiny
-          --set "media={image: {latent_channels: 8, latent_height: 8, latent_width: 8, patch_size: 2, attention: ${ATTENTION}}}"
+# the tiny world model (hidden 128, 4 layers) over the VAE's 8x8x8 latents in 2x2 patches (16 positions)
+WM_FLAGS=(--config multimodal/tiny --set "media={image: {attention: ${ATTENTION}}}"
           --batch_size ${WM_BATCH:-32} --learning_rate ${WM_LR:-1e-3})
 
 started=$SECONDS

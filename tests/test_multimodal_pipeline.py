@@ -21,6 +21,7 @@ from data.multimodal_batches import SequenceLayout, build_sequence, collate_mult
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
 from model.image.vae import ImageVAEConfig, build_image_vae
 from model.pretrained import save_pretrained
+from training.multimodal_task import resolve_config
 
 IMAGE_SIZE = 32
 TRAIN_FLAGS = ["--config", "multimodal/tiny", "--set", "n_layers=2", "--max_steps", 6, "--batch_size", 4,
@@ -151,3 +152,13 @@ def test_caches_vaes_and_configs_that_do_not_fit_are_refused(work, capsys):
                                                            "--val_data_dir", work / "val", "--vae_checkpoint",
                                                            other_vae], capsys)
     shutil.rmtree(other)
+
+
+def test_config_takes_the_cache_grid_and_partial_media_overrides(work):
+    cache = ShardedCache(work / "train")
+    config = resolve_config("multimodal/tiny", ["media={image: {attention: causal}}", "n_layers=1"], cache)
+    assert config.media["image"] == {"latent_channels": 4, "latent_height": 8, "latent_width": 8, "patch_size": 2,
+                                     "attention": "causal"}
+    assert config.n_layers == 1 and config.vocab_size == cache.meta["tokenizer"]["vocab_size"]
+    with pytest.raises(ValueError, match="must map each kind"):
+        resolve_config("multimodal/tiny", ["media=3"], cache)

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 import torch
+import yaml
 
 from data.cached_batches import CachedBatches, fixed_items
 from data.image_latents import checkpoint_fingerprint
@@ -99,15 +100,30 @@ def load_cache_vae(cache: ShardedCache, vae_checkpoint: str | None, device: torc
 
 
 def resolve_config(name: str, overrides: list[str], cache: ShardedCache) -> MultimodalConfig:
-    """The named multimodal config with the cache's vocabulary, special tokens and latent grids, then --set."""
+    """The named multimodal config with the cache's vocabulary, special tokens and latent grids, then --set.
+
+    `--set "media={image: {patch_size: 4, attention: causal}}"` changes the named keys of a media entry and keeps
+    the rest (the latent grid always comes from the cache)."""
     base = resolve_multimodal_config(name)
-    media = dict(base.media)
+    media = {kind: dict(entry) for kind, entry in base.media.items()}
+    others = []
+    for assignment in overrides:
+        key, _, text = assignment.partition("=")
+        if key.strip() != "media":
+            others.append(assignment)
+            continue
+        given = yaml.safe_load(text)
+        if not isinstance(given, dict) or not all(isinstance(entry, dict) for entry in given.values()):
+            raise ValueError(f"--set {assignment}: media must map each kind to a mapping of its keys, e.g. "
+                             "media={image: {patch_size: 2}}")
+        for kind, entry in given.items():
+            media[kind] = {**media.get(kind, {}), **entry}
     for kind, recorded in cache.meta["media"].items():
         if kind not in media:
             raise ValueError(f"the cache {cache.directory} holds '{kind}' spans but config '{base.name}' models "
                              f"{', '.join(['text'] + base.media_kinds)}: use a config with '{kind}' in its media")
         channels, height, width = recorded["latent_shape"]
-        media[kind] = {**media[kind], "latent_channels": channels, "latent_height": height, "latent_width": width}
+        media[kind].update(latent_channels=channels, latent_height=height, latent_width=width)
     tokenizer = cache.meta["tokenizer"]
     values = {**base.to_dict(), "media": media, "vocab_size": tokenizer["vocab_size"],
               "bos_token_id": tokenizer["bos_token_id"], "eos_token_id": tokenizer["eos_token_id"],
@@ -116,7 +132,7 @@ def resolve_config(name: str, overrides: list[str], cache: ShardedCache) -> Mult
         config = MultimodalConfig.from_dict(values)
     except ValueError as error:
         raise ValueError(f"{error} (with the latent grid and vocabulary of {cache.directory})") from None
-    return config.with_overrides(overrides)
+    return config.with_overrides(others)
 
 
 class WMState:
