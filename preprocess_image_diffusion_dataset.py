@@ -30,25 +30,22 @@ scales by the train cache's factor: a validation cache records its own for infor
 """
 
 import argparse
-import functools
 import itertools
-import math
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from data.builtin_shapes import MIN_IMAGE_SIZE
 from data.cli import run_preprocessing
-from data.image_sources import add_image_source_arguments, image_source_from_args, load_image_item
-from data.sharded_cache import ShardedCache, ShardedCacheWriter, check_output_dir, map_in_workers
+from data.image_latents import SHORT_SPLIT, LatentStatistics, image_items
+from data.image_sources import add_image_source_arguments
+from data.sharded_cache import ShardedCacheWriter, check_output_dir
 from model.image.pipeline import load_vae_checkpoint
 from model.text_encoders import BUILTIN_WORDS, DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, load_text_encoder
 from training.distributed import choose_device
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-SHORT_SPLIT = {"train": "train", "validation": "val", "val": "val"}
 MAX_LISTED_SKIPS = 100
 
 
@@ -77,44 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--items_per_shard", type=int, default=1024)
     output.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output_dir")
     return parser
-
-
-def _image_items(args, split: str):
-    """(iterator of (item | None, skip | None), number of images or None, image size, where they come from)."""
-    if args.image_cache_dir or not (args.dataset_name or args.input_dir or args.from_disk):
-        directory = args.image_cache_dir or f"cached_datasets/image_{SHORT_SPLIT.get(split, split)}_cached"
-        cache = ShardedCache(directory, made_by=f"preprocess_image_vae_dataset.py --split {split}")
-        if "image_size" not in cache.meta:
-            raise ValueError(f"{directory} is not an image cache (its meta.json has no image_size): write it with "
-                             "preprocess_image_vae_dataset.py")
-        count = min(len(cache), args.max_images or len(cache))
-        source = {"kind": "image_cache", "image_cache_dir": str(Path(directory).resolve()),
-                  "source": cache.meta.get("source")}
-        return ((item, None) for item in itertools.islice(cache, count)), count, cache.meta["image_size"], source
-    if args.image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"--image_size must be at least {MIN_IMAGE_SIZE}, got {args.image_size}")
-    source = image_source_from_args(args, "validation" if split == "val" else split)
-    load = functools.partial(load_image_item, image_size=args.image_size)
-    return map_in_workers(load, source.records(), args.num_workers), source.num_images, args.image_size, \
-        source.describe()
-
-
-class LatentStatistics:
-    """Mean and variance of posterior samples z ~ N(mean, exp(logvar)) over every latent element, exactly:
-    E[z] = avg(mean), E[z^2] = avg(mean^2 + exp(logvar)) (float64 sums)."""
-
-    def __init__(self):
-        self.count, self.total, self.total_square = 0, 0.0, 0.0
-
-    def add(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
-        mean, logvar = mean.double(), logvar.double()
-        self.count += mean.numel()
-        self.total += float(mean.sum())
-        self.total_square += float((mean.square() + logvar.exp()).sum())
-
-    def mean_and_std(self) -> tuple[float, float]:
-        mean = self.total / self.count
-        return mean, math.sqrt(max(self.total_square / self.count - mean ** 2, 0.0))
 
 
 @torch.no_grad()
@@ -147,7 +106,7 @@ def write_latent_cache(args) -> dict:
     check_output_dir(args.output_dir, args.overwrite)
     device = choose_device(args.device)
     vae, mismatch = load_vae_checkpoint(args.vae_checkpoint, args.vae_config, device)
-    items, count, image_size, source = _image_items(args, split)
+    items, count, image_size, source = image_items(args, split)
     factor = vae.config.downsample_factor
     if image_size % factor:
         raise ValueError(f"{image_size}x{image_size} images do not fit the VAE's downsampling factor {factor}: "

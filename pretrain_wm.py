@@ -6,10 +6,18 @@
         --use_gradient_checkpointing --deepspeed_config ds_config_zero-2.json
     python pretrain_wm.py --run_name quick --config tiny --max_steps 200       # plain PyTorch, one process
 
-The model family follows the config (model/families.py: select_family): a name containing `recurrent` (or
-`model_family: recurrent`) selects the recurrent-depth LM, anything else the causal LM. A recurrent run logs train/thinking_steps and, at each
-evaluation, the validation loss at the depths of --eval_thinking_steps and under the exit criterion. The
-vocabulary size and special tokens follow the cache's tokenizer. Everything lands in runs/RUN_NAME/.
+The model family follows the config: a multimodal config (`multimodal/NAME`, a name found only in
+configs/multimodal/, or a YAML file with media: several modalities or a non-text one) selects the multimodal world
+model, trained on the interleaved caches of preprocess_multimodal_dataset.py (--train_data_dir, --val_data_dir; see
+training/multimodal_task.py); otherwise model/families.py's select_family decides: a name containing `recurrent`
+(or `model_family: recurrent`) selects the recurrent-depth LM, anything else the causal LM.
+
+    python pretrain_wm.py --run_name wm --config multimodal/tiny --train_data_dir cached_datasets/wm_train \\
+        --val_data_dir cached_datasets/wm_val --max_steps 2000
+
+A recurrent run logs train/thinking_steps and, at each evaluation, the validation loss at the depths of
+--eval_thinking_steps and under the exit criterion. The vocabulary size and special tokens follow the cache's
+tokenizer. Everything lands in runs/RUN_NAME/.
 """
 
 import sys
@@ -18,8 +26,10 @@ from data.text_cache import TextTokenCache
 from megatransformer_utils import MegaTransformerConfig
 from model import build_model
 from model.families import select_family
+from model.megatransformer_multimodal import is_multimodal_config
 from training.arguments import build_parser, check_arguments
 from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
+from training.multimodal_task import add_multimodal_arguments, prepare_multimodal
 from training.cli import run_training
 
 
@@ -34,6 +44,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample_max_new_tokens", type=int, default=48)
     parser.add_argument("--eval_thinking_steps", type=int, nargs="+", default=[1, 4, 16, 32], metavar="R",
                         help="recurrent models: also evaluate at these fixed depths")
+    add_multimodal_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -52,7 +63,9 @@ def resolve_config(args, cache) -> MegaTransformerConfig:
 
 
 def prepare(args):
-    """The LM task builder and the closing report (training/cli.py)."""
+    """The task builder and the closing report (training/cli.py)."""
+    if is_multimodal_config(args.config):  # several modalities or a non-text one → multimodal
+        return prepare_multimodal(args)
     args.sample_prompts = args.sample_prompts or list(DEFAULT_PROMPTS)
     check_arguments(args)
     if min(args.eval_thinking_steps) < 1:

@@ -39,18 +39,22 @@ def build_attention_bias(
     position_bias: Optional[torch.Tensor],
     dtype: torch.dtype,
     device: torch.device,
+    span_ids: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], bool]:
-    """Combine causality, padding, a sliding window and a position bias into SDPA's arguments.
+    """Combine causality, padding, a sliding window, a position bias and bidirectional spans into SDPA's arguments.
 
     key_mask: (B, Tk), 1 for real tokens, or None. The T queries are the last T of the Tk keys.
     position_bias: (B, H, 1, Tk) (ALiBi) or None.
+    span_ids: (B, Tk) int, 0 for ordinary (causal) positions and one positive id per bidirectional span (the
+    patches of one image): positions of the same span see each other whatever their order. None: no spans.
     Returns (bias, is_causal): bias is None when SDPA can apply causality alone (is_causal=True), or
     when nothing is masked at all (a single new query with a cache). Masked entries get the dtype's
     most negative value rather than -inf, so a fully padded query row stays finite.
     """
     window_matters = sliding_window is not None and sliding_window < key_length
     has_padding = key_mask is not None and not bool(key_mask.all())
-    if not window_matters and not has_padding and position_bias is None:
+    has_spans = span_ids is not None and bool(span_ids.any())
+    if not window_matters and not has_padding and position_bias is None and not has_spans:
         if query_length == key_length:
             return None, True
         if query_length == 1:
@@ -61,6 +65,9 @@ def build_attention_bias(
     if window_matters:
         allowed = allowed & (query_positions - key_positions < sliding_window)
     allowed = allowed[None, None]
+    if has_spans:
+        query_spans = span_ids[:, key_length - query_length:, None]
+        allowed = allowed | ((query_spans == span_ids[:, None, :]) & (query_spans > 0))[:, None]
     if has_padding:
         allowed = allowed & key_mask.bool()[:, None, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)

@@ -32,9 +32,13 @@ class DecoderEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None,
-                past_length: int = 0) -> tuple[torch.Tensor, AttentionInputs]:
+                past_length: int = 0, token_embeddings: Optional[torch.Tensor] = None,
+                span_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, AttentionInputs]:
         """attention_mask: (B, past_length + T), 1 for real tokens, covering cached positions too.
-        position_ids: (B, T); by default counted from the mask (left padding is skipped) or from past_length."""
+        position_ids: (B, T); by default counted from the mask (left padding is skipped) or from past_length.
+        token_embeddings: (B, T, hidden_size) used instead of the embedding of input_ids (the multimodal model
+        puts media patches there), or None. span_ids: (B, past_length + T) bidirectional spans (see
+        build_attention_bias), or None."""
         B, T = input_ids.shape
         key_length = past_length + T
         if attention_mask is not None and attention_mask.shape != (B, key_length):
@@ -50,7 +54,7 @@ class DecoderEmbedding(nn.Module):
             raise ValueError(f"position {int(position_ids.max())} is beyond max_position_embeddings="
                              f"{self.config.max_position_embeddings} of the absolute position embedding")
 
-        x = self.embed(input_ids, position_ids)
+        x = self.embed(input_ids, position_ids, token_embeddings)
         rotary = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         position_bias = None
         if self.config.use_alibi_bias:
@@ -58,12 +62,14 @@ class DecoderEmbedding(nn.Module):
                              else torch.arange(key_length, device=x.device).expand(B, key_length))
             position_bias = alibi_bias(self.alibi_slopes, key_positions)
         bias, is_causal = build_attention_bias(attention_mask, T, key_length, self.config.sliding_window,
-                                               position_bias, x.dtype, x.device)
+                                               position_bias, x.dtype, x.device, span_ids)
         return x, AttentionInputs(rotary=rotary, bias=bias, is_causal=is_causal)
 
-    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids, position_ids: (B, T) → token (+ absolute position) embeddings (B, T, hidden_size)."""
-        x = self.tokens(input_ids)
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, position_ids: (B, T) → token (+ absolute position) embeddings (B, T, hidden_size);
+        token_embeddings (B, T, hidden_size), when given, replace the token lookup (media spans)."""
+        x = self.tokens(input_ids) if token_embeddings is None else token_embeddings
         if self.positions is not None:
             x = x + self.positions(position_ids)
         if self.config.use_sinusoidal_embedding:

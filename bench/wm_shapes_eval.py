@@ -1,0 +1,146 @@
+"""Captioning and text-to-image of a multimodal world-model run trained on builtin:shapes.
+
+    python bench/wm_shapes_eval.py --run_dir runs/shapes_wm --captions 200 --guidance_scales 1 2 4
+
+Captioning: the first --captions builtin:shapes validation images (drawn at the run's image size, encoded by the
+run's VAE: posterior mean times the latent scale factor) are captioned greedily (generate_wm's path: text after
+[bos] begin-image span end-image). A caption names the right shape when its first shape word (SHAPES) is the
+image's, and the right colour when the word before that shape word is the image's shape colour (every caption
+template of builtin:shapes puts the colour right before the shape). The blind baseline answers every image with
+the most common caption of the run's training cache (a text-only model's best constant guess).
+
+Text-to-image: bench/caption_fidelity.py's measurement on the world model: the captions of --specs_per_color
+validation specs per palette colour, --num_images images each at every guidance scale (prompt [bos] caption
+begin-image, seed fixed per image), decoded by the VAE, the shape colour read by caption_fidelity.classify_colors;
+the real images and their VAE reconstructions give the ceilings. Prints both tables and writes OUTPUT_DIR/
+wm_eval.json (default <run dir>/wm_eval/).
+"""
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import generate_wm  # noqa: E402
+from caption_fidelity import (COLOR_NAMES, classify_colors, prompt_specs, real_and_reconstructed_colors,  # noqa: E402
+                              score)
+from data.builtin_shapes import PALETTE, SHAPES, draw_shape, shape_specs  # noqa: E402
+from data.sharded_cache import ShardedCache  # noqa: E402
+from model.multimodal.generation import caption_media, text_to_image  # noqa: E402
+from training.distributed import choose_device  # noqa: E402
+
+WORD = re.compile(r"[a-z]+")
+
+
+def named_attributes(caption: str) -> tuple[str | None, str | None]:
+    """(colour, shape) a caption names: its first shape word and the colour word right before it."""
+    words = WORD.findall(caption.lower())
+    for index, word in enumerate(words):
+        if word in SHAPES:
+            before = words[index - 1] if index else None
+            return (before if before in PALETTE else None), word
+    return None, None
+
+
+def caption_accuracy(captions: list[str], specs) -> dict:
+    named = [named_attributes(caption) for caption in captions]
+    color = [found[0] == spec.color for found, spec in zip(named, specs)]
+    shape = [found[1] == spec.shape for found, spec in zip(named, specs)]
+    return {"images": len(specs), "color": float(np.mean(color)), "shape": float(np.mean(shape)),
+            "both": float(np.mean([c and s for c, s in zip(color, shape)]))}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", help="a run of pretrain_wm.py with a multimodal config (its newest checkpoint)")
+    parser.add_argument("--checkpoint", help="a checkpoint directory, or its name inside --run_dir")
+    parser.add_argument("--captions", type=int, default=200, help="validation images to caption")
+    parser.add_argument("--guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--specs_per_color", type=int, default=4, help="validation captions per palette colour")
+    parser.add_argument("--num_images", type=int, default=4, help="images per prompt and guidance scale")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the config's sampling_steps)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", help="default: <run dir>/wm_eval")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+@torch.no_grad()
+def measure(args) -> dict:
+    device = choose_device(args.device)
+    checkpoint = generate_wm.resolve_checkpoint_dir(args)
+    model, vae, tokenizer, meta = generate_wm.load_run(checkpoint, None, device)
+    size, scale = meta["image_size"], meta["media"]["image"]["latent_scale_factor"]
+
+    specs = [spec for _, spec in zip(range(args.captions), (spec for _, spec in shape_specs("validation")))]
+    pixels = torch.from_numpy(np.stack([np.asarray(draw_shape(spec, size)) for spec in specs]))
+    latents = vae.encode(pixels.permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0).mean * scale
+    captions = [tokenizer.decode(caption_media(model, row), skip_special_tokens=True) for row in latents]
+    train_cache = ShardedCache(meta["train_data_dir"])
+    common = Counter(train_cache[index]["caption"] for index in range(0, len(train_cache))).most_common(1)[0][0]
+    captioning = {"world model": caption_accuracy(captions, specs),
+                  f"blind: most common training caption ({common!r})": caption_accuracy([common] * len(specs), specs)}
+
+    prompts = prompt_specs(args.specs_per_color)
+    real, reconstructed = real_and_reconstructed_colors(prompts, size, vae)
+    drawing = {"real validation images": score(real, prompts), "VAE reconstructions": score(reconstructed, prompts)}
+    output_dir = Path(args.output_dir or checkpoint.parent / "wm_eval")
+    repeated = [spec for spec in prompts for _ in range(args.num_images)]
+    for guidance_scale in args.guidance_scales:
+        found, folder = [], output_dir / f"guidance_{guidance_scale:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for number, spec in enumerate(repeated):
+            generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + number)
+            ids = tokenizer(spec.caption, add_special_tokens=False)["input_ids"]
+            image = text_to_image(model, ids, guidance_scale=guidance_scale, steps=args.steps, generator=generator)
+            decoded = (vae.decode(image[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
+            array = decoded.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            if number % args.num_images == 0:
+                Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{number // args.num_images:03d}.png")
+            found.append(classify_colors(array))
+        drawing[f"generated, guidance {guidance_scale:g}"] = score(found, repeated)
+    return {"checkpoint": str(checkpoint.resolve()), "output_dir": str(output_dir), "image_size": size,
+            "captions": {"results": captioning, "examples": [[spec.caption, caption] for spec, caption in
+                                                             zip(specs[:10], captions[:10])]},
+            "text_to_image": {"prompts": len(prompts), "num_images": args.num_images, "steps": args.steps,
+                              "chance": 1 / len(COLOR_NAMES), "results": drawing}}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = measure(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    output_dir = Path(report["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "wm_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\ncaptioning of {report['captions']['results']['world model']['images']} validation images "
+          f"({report['checkpoint']})")
+    print(f"{'captioner':<70} {'colour':>7} {'shape':>7} {'both':>7}")
+    for name, row in report["captions"]["results"].items():
+        print(f"{name:<70} {row['color']:>7.1%} {row['shape']:>7.1%} {row['both']:>7.1%}")
+    for truth, caption in report["captions"]["examples"]:
+        print(f"  {truth}  →  {caption}")
+    print(f"\ntext to image: {report['text_to_image']['prompts']} captions x {report['text_to_image']['num_images']} "
+          "images, share whose shape has the caption's colour")
+    for name, row in report["text_to_image"]["results"].items():
+        print(f"{name:<28} {row['shape_color']:>7.1%}  (background {row['background_color']:.1%}, no shape "
+              f"{row['no_shape']:.1%}, n={row['images']})")
+    print(f"chance (1/{len(COLOR_NAMES)}) {1 / len(COLOR_NAMES):.1%}\nwritten: {output_dir / 'wm_eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

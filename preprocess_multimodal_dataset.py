@@ -1,0 +1,231 @@
+"""Write the interleaved cache of the multimodal world model (pretrain_wm.py with a multimodal config), one split
+per run: captioned images encoded by a trained image VAE, their captions tokenized by the text tokenizer, each
+image in both orders (caption -> image for text-to-image, image -> caption for captioning), and optionally
+text-only windows from a text cache.
+
+    python preprocess_multimodal_dataset.py --dataset_name builtin:shapes --image_size 32 --max_images 4000 \\
+        --vae_checkpoint runs/shapes_vae/checkpoint-1800 --train_tokenizer --vocab_size 512 \\
+        --output_dir cached_datasets/wm_train
+    python preprocess_multimodal_dataset.py --split validation --dataset_name builtin:shapes --image_size 32 \\
+        --max_images 200 --vae_checkpoint runs/shapes_vae/checkpoint-1800 \\
+        --tokenizer cached_datasets/wm_train/tokenizer --output_dir cached_datasets/wm_val
+    python preprocess_multimodal_dataset.py --image_cache_dir cached_datasets/image_train_cached \\
+        --vae_checkpoint runs/image_vae_run/checkpoint-XXX --text_cache_dir cached_datasets/text    # + text windows
+
+Images come from an image cache of preprocess_image_vae_dataset.py (--image_cache_dir) or straight from a source
+with its flags (--dataset_name, --input_dir, --from_disk, --image_size, ...). The VAE is --vae_checkpoint (a
+checkpoint directory of pretrain_image_vae.py; --vae_config only for one without config.yaml). The tokenizer is
+--tokenizer (a saved tokenizer directory or hub name), the text cache's (--text_cache_dir), or --train_tokenizer
+(a byte-level BPE trained on this split's captions; it holds the images in memory while training). The
+tokenizer is saved in OUTPUT_DIR/tokenizer: pass that directory as --tokenizer for the validation split.
+
+Items (see data/multimodal_batches.py): caption_ids, caption, order, image_latent_mean/image_latent_logvar
+(C, h, w) of the VAE posterior and the builtin:shapes attributes; text_ids for text windows. meta.json records
+the VAE (checkpoint, config, fingerprint of its weights), media.image (latent_shape, latent_scale_factor = 1 / std of the posterior samples),
+the tokenizer (vocabulary size, special tokens, fingerprint), the source and the counts.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.image_latents import SHORT_SPLIT, LatentStatistics, checkpoint_fingerprint, image_items
+from data.image_sources import add_image_source_arguments
+from data.multimodal_batches import ORDERS
+from data.sharded_cache import ShardedCacheWriter, check_output_dir
+from data.text_cache import TextTokenCache
+from data.tokenizer import DocumentEncoder, load_tokenizer, special_token_ids, train_bpe_tokenizer
+from training.distributed import choose_device
+from model.image.pipeline import load_vae_checkpoint
+
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+TOKENIZER_DIR = "tokenizer"
+MAX_LISTED_SKIPS = 100
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--split", default="train", help="train or validation (val), or a dataset's split name")
+    images = parser.add_argument_group("images: an image cache, or a source as in preprocess_image_vae_dataset.py")
+    where = images.add_mutually_exclusive_group()
+    where.add_argument("--image_cache_dir", help="written by preprocess_image_vae_dataset.py (default: "
+                                                 "cached_datasets/image_<train|val>_cached)")
+    add_image_source_arguments(images, where)
+
+    models = parser.add_argument_group("encoders")
+    models.add_argument("--vae_checkpoint", help="checkpoint directory of pretrain_image_vae.py (required)")
+    models.add_argument("--vae_config", help="VAE config name or YAML, for a checkpoint without config.yaml")
+    models.add_argument("--tokenizer", help="a saved tokenizer directory (or hub name)")
+    models.add_argument("--train_tokenizer", action="store_true", help="train a byte-level BPE on the captions")
+    models.add_argument("--vocab_size", type=int, default=512, help="vocabulary size for --train_tokenizer")
+    models.add_argument("--max_caption_tokens", type=int, default=64, help="longer captions are cut")
+    models.add_argument("--batch_size", type=int, default=32, help="images encoded at once")
+    models.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+
+    text = parser.add_argument_group("text-only sequences (optional)")
+    text.add_argument("--text_cache_dir", help="a text cache of preprocess_text_dataset.py; its tokenizer is used")
+    text.add_argument("--text_tokens", type=int, default=64, help="tokens per text window")
+    text.add_argument("--max_text_items", type=int, default=1000, help="text windows at most")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", help="default cached_datasets/wm_<train|val>")
+    output.add_argument("--orders", nargs="+", choices=ORDERS, default=list(ORDERS),
+                        help="the orders each captioned image is written in (default: both)")
+    output.add_argument("--storage_dtype", choices=sorted(STORAGE_DTYPES), default="float16")
+    output.add_argument("--items_per_shard", type=int, default=1024)
+    output.add_argument("--overwrite", action="store_true", help="replace an existing cache at --output_dir")
+    return parser
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A short hash of the vocabulary: two caches with the same fingerprint tokenize alike."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(vocabulary.encode()).hexdigest()[:16]
+
+
+def describe_tokenizer(tokenizer, origin: str) -> dict:
+    return {"origin": origin, "vocab_size": len(tokenizer), "fingerprint": tokenizer_fingerprint(tokenizer),
+            **special_token_ids(tokenizer)}
+
+
+def _choose_tokenizer(args, text_cache, items):
+    """(tokenizer, where it came from, the image items to encode: a list when they had to be read for training)."""
+    chosen = [name for name, given in (("--tokenizer", args.tokenizer), ("--train_tokenizer", args.train_tokenizer),
+                                       ("--text_cache_dir", text_cache)) if given]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one tokenizer: --tokenizer DIR, --train_tokenizer (on the captions) or "
+                         f"--text_cache_dir (its tokenizer); got {', '.join(chosen) or 'none'}")
+    if text_cache is not None:
+        return text_cache.load_tokenizer(), str(text_cache.cache_dir.resolve()), items
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer), str(Path(args.tokenizer).resolve()) if Path(args.tokenizer).exists() \
+            else args.tokenizer, items
+    items = list(items)
+    captions = [item["caption"] for item, _ in items if item is not None]
+    return train_bpe_tokenizer(captions, args.vocab_size), "trained on the captions", items
+
+
+def _text_windows(text_cache: TextTokenCache, split: str, tokens: int, max_items: int):
+    """Consecutive windows of `tokens` token ids from the text cache's split (train or val)."""
+    ids = text_cache.tokens("val" if split in ("val", "validation") else "train")
+    count = min(max_items, len(ids) // tokens)
+    for index in range(count):
+        yield {"text_ids": torch.from_numpy(np.asarray(ids[index * tokens:(index + 1) * tokens]).astype(np.int32))}
+
+
+@torch.no_grad()
+def encode_images(items: list[dict], vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-cache items ({"image": uint8 (3, H, W), ...}) → the VAE posterior's (mean, logvar), each (B, C, h, w)."""
+    images = torch.stack([item["image"] for item in items]).to(device).float() / 127.5 - 1.0
+    posterior = vae.encode(images)
+    return posterior.mean, posterior.logvar
+
+
+def write_multimodal_cache(args) -> dict:
+    """Write the split into args.output_dir (set); returns meta.json's contents."""
+    if not args.vae_checkpoint:
+        raise ValueError("--vae_checkpoint is required: a checkpoint directory of pretrain_image_vae.py "
+                         "(runs/RUN_NAME/checkpoint-STEP)")
+    for name in ("batch_size", "items_per_shard", "max_caption_tokens", "text_tokens", "max_text_items"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    split = "validation" if args.split == "val" else args.split
+    check_output_dir(args.output_dir, args.overwrite)
+    device = choose_device(args.device)
+    vae, mismatch = load_vae_checkpoint(args.vae_checkpoint, args.vae_config, device)
+    text_cache = TextTokenCache(args.text_cache_dir) if args.text_cache_dir else None
+    items, count, image_size, source = image_items(args, split)
+    factor = vae.config.downsample_factor
+    if image_size % factor:
+        raise ValueError(f"{image_size}x{image_size} images do not fit the VAE's downsampling factor {factor}: "
+                         f"use --image_size {max(factor, image_size // factor * factor)}")
+    tokenizer, tokenizer_origin, items = _choose_tokenizer(args, text_cache, items)
+    encode_text = DocumentEncoder(tokenizer)
+    dtype = STORAGE_DTYPES[args.storage_dtype]
+    statistics, skipped, images, text_items, caption_tokens, longest = LatentStatistics(), [], 0, 0, 0, 0
+    writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
+    with writer, tqdm(total=count, desc="encoding", unit=" img") as progress:
+        items = iter(items)
+        while chunk := list(itertools.islice(items, args.batch_size)):
+            progress.update(len(chunk))
+            skipped += [skip for item, skip in chunk if item is None]
+            good = [item for item, _ in chunk if item is not None]
+            if not good:
+                continue
+            means, logvars = encode_images(good, vae, device)
+            captions = encode_text([item["caption"] for item in good])
+            for item, mean, logvar, caption_ids in zip(good, means, logvars, captions):
+                caption_ids = caption_ids[:args.max_caption_tokens]
+                entry = {key: value for key, value in item.items() if key != "image"}
+                entry.update(caption_ids=torch.tensor(caption_ids, dtype=torch.int32),
+                             image_latent_mean=mean.to(dtype).cpu(), image_latent_logvar=logvar.to(dtype).cpu())
+                for order in args.orders:
+                    writer.add({**entry, "order": order})
+                statistics.add(entry["image_latent_mean"], entry["image_latent_logvar"])
+                caption_tokens += len(caption_ids)
+                longest = max(longest, len(caption_ids))
+                images += 1
+        if not images:
+            raise ValueError(f"no image could be encoded ({len(skipped)} skipped)")
+        if text_cache is not None:
+            for window in _text_windows(text_cache, split, args.text_tokens, args.max_text_items):
+                writer.add(window)
+                text_items += 1
+        tokenizer.save_pretrained(writer.scratch / TOKENIZER_DIR)
+        latent_mean, latent_std = statistics.mean_and_std()
+        return writer.finish({
+            "made_by": "preprocess_multimodal_dataset.py", "split": split, "source": source, "image_size": image_size,
+            "media": {"image": {"latent_shape": list(entry["image_latent_mean"].shape),
+                                "latent_scale_factor": 1.0 / latent_std, "latent_mean": latent_mean,
+                                "latent_std": latent_std}},
+            "orders": list(args.orders), "storage_dtype": args.storage_dtype,
+            "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()),
+            "vae_fingerprint": checkpoint_fingerprint(args.vae_checkpoint), "vae_config": vae.config.to_dict(),
+            "vae_config_mismatch": mismatch, "tokenizer": {**describe_tokenizer(tokenizer, tokenizer_origin),
+                                                           "directory": TOKENIZER_DIR},
+            "mean_caption_tokens": caption_tokens / images, "longest_caption_tokens": longest,
+            "text_tokens": args.text_tokens if text_items else None,
+            "text_cache": str(text_cache.cache_dir.resolve()) if text_cache is not None else None,
+            "counts": {"images": images, "items": images * len(args.orders) + text_items, "text_items": text_items,
+                       "skipped": len(skipped)}, "skipped": skipped[:MAX_LISTED_SKIPS]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
+        return int(exit_request.code or 0)
+    started = time.perf_counter()
+    split = "validation" if args.split == "val" else args.split
+    args.output_dir = args.output_dir or f"cached_datasets/wm_{SHORT_SPLIT.get(split, split)}"
+    try:
+        meta = write_multimodal_cache(args)
+    except (ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no cache was written", file=sys.stderr)
+        return 130
+    counts, image, text = meta["counts"], meta["media"]["image"], meta["tokenizer"]
+    print(f"\nInterleaved cache written to {args.output_dir} (split {meta['split']})")
+    print(f"  images    {counts['images']:,} of {meta['image_size']}x{meta['image_size']} in {len(meta['orders'])} "
+          f"order(s), {counts['skipped']:,} skipped")
+    print(f"  latents   {'x'.join(map(str, image['latent_shape']))} ({meta['storage_dtype']}), scale factor "
+          f"{image['latent_scale_factor']:.4f}; VAE {meta['vae_checkpoint']}")
+    print(f"  text      tokenizer {text['origin']} ({text['vocab_size']} tokens, saved in "
+          f"{Path(args.output_dir, TOKENIZER_DIR)}), {meta['mean_caption_tokens']:.1f} tokens per caption, "
+          f"{counts['text_items']:,} text windows")
+    print(f"  time      {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
