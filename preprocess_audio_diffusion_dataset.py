@@ -46,6 +46,7 @@ from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioDe
                                 decode_record, rms_db)
 from data.builtin_phrases import BUILTIN_PHRASES_NAME, DEFAULT_VAL_FRACTION, phrase_records
 from data.builtin_speech import BUILTIN_SPEECH_NAME
+from data.saved_datasets import DataSourceError
 from data.sharded_cache import ShardedCacheWriter, check_output_dir, map_in_workers
 from model.audio.features import AudioFeatureConfig, log_mel
 from model.audio.speaker_encoders import DEFAULT_SPEAKER_ENCODER, RESEMBLYZER, load_speaker_encoder
@@ -125,7 +126,12 @@ def records_from_args(args) -> tuple:
     if source.kind == "hub":
         print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
               "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
-    return source.records(), source.expected_items, source.describe()
+    try:
+        records = source.records()
+    except DataSourceError as error:
+        raise DataSourceError(f"{error} (or --dataset_name {BUILTIN_PHRASES_NAME}, the small-vocabulary corpus)") \
+            from error
+    return records, source.expected_items, source.describe()
 
 
 def load_utterance(record: AudioRecord, features: AudioFeatureConfig, min_seconds: float, max_seconds: float,
