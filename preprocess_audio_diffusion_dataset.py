@@ -204,8 +204,8 @@ def write_audio_diffusion_cache(args) -> dict:
     dtype = STORAGE_DTYPES[args.storage_dtype]
     skipped, speakers, truncated, text_tokens, frames = [], set(), 0, 0, []
     mel_sum = mel_square = 0.0
-    with ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite) as writer, \
-            tqdm(total=expected, desc="encoding", unit=" utt") as progress:
+    writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
+    with writer, tqdm(total=expected, desc="encoding", unit=" utt") as progress:
         while chunk := list(itertools.islice(reports, args.batch_size)):
             progress.update(len(chunk))
             skipped += [{"source_id": item_id, "reason": reason} for item, reason, item_id in chunk if item is None]

@@ -57,7 +57,8 @@ def test_the_loss_counts_only_real_frames():
     losses = [audio_diffusion_loss(model, frames, text, mask, speaker, frame_mask,
                                    generator=torch.Generator().manual_seed(3))[0] for frames in (x, x_other)]
     torch.testing.assert_close(losses[0], losses[1])
-    unmasked = audio_diffusion_loss(model, x_other, text, mask, speaker, None, generator=torch.Generator().manual_seed(3))
+    unmasked = audio_diffusion_loss(model, x_other, text, mask, speaker, None,
+                                    generator=torch.Generator().manual_seed(3))
     assert unmasked[0] > 10 * losses[0]
 
 
@@ -106,6 +107,7 @@ def test_frame_codec_round_trips_mels_and_stacks_latents():
 def test_bad_configs_and_inputs_say_what_is_wrong():
     with pytest.raises(ValueError, match="patch_height must be 1"):
         AudioDiffusionConfig.from_name("tiny_dit").with_overrides(["patch_height=2"])
+    assert AudioDiffusionConfig.from_name("tiny_dit").with_overrides(["patch_size=2"]).patch_height == 1
     with pytest.raises(ValueError, match="representation"):
         AudioDiffusionConfig.from_name("tiny_dit").with_overrides(["representation=wave"])
     model = tiny_dit()

@@ -198,3 +198,36 @@ def test_bad_encoders_and_widths_stop_with_a_clear_message(caches, tmp_path, cap
         "--speaker_embedding_dim", "192", "--train_data_dir", train_dir, "--val_data_dir", val_dir,
         "--max_steps", "1", *TINY_RUN])
     assert code == 1 and "--speaker_embedding_dim 192" in capsys.readouterr().err
+
+
+def test_every_other_source_reaches_the_cache(tmp_path, monkeypatch, capsys):
+    """--from_disk (audio bytes with transcripts and speakers) and builtin:speech write utterances; the hub,
+    unreachable, stops with the offline alternatives and writes nothing."""
+    datasets = pytest.importorskip("datasets")
+    tone = (0.2 * np.sin(2 * np.pi * 330 * np.arange(20000) / 16000)).astype(np.float32)
+    soundfile.write(tmp_path / "a.wav", tone, 16000)
+    rows = {"audio": [{"bytes": (tmp_path / "a.wav").read_bytes(), "path": None}] * 2, "text": ["one two", ""],
+            "speaker_id": [7, 8], "id": ["u1", "u2"]}
+    saved = datasets.Dataset.from_dict(rows).cast_column("audio", datasets.Audio())
+    datasets.DatasetDict({"train": saved}).save_to_disk(tmp_path / "dd")
+    code, _ = run_main(preprocess_audio_diffusion_dataset.main, [
+        "--from_disk", tmp_path / "dd", "--output_dir", tmp_path / "disk", *OFFLINE])
+    assert code == 0
+    cache = ShardedCache(tmp_path / "disk")
+    assert [(item["source_id"], item["text"], item["speaker"]) for item in cache] == [("u1", "one two", "7")]
+    assert cache.meta["skipped"] == [{"source_id": "u2", "reason": "empty transcript"}]
+    code, _ = run_main(preprocess_audio_diffusion_dataset.main, [
+        "--dataset_name", "builtin:speech", "--num_items", "2", "--output_dir", tmp_path / "speech", *OFFLINE])
+    assert code == 0 and len(ShardedCache(tmp_path / "speech")) == 2
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    capsys.readouterr()
+    code, _ = run_main(preprocess_audio_diffusion_dataset.main, [
+        "--split", "train.360", "--output_dir", tmp_path / "hub", *OFFLINE])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert "openslr/librispeech_asr" in error and "builtin:phrases" in error and "--input_dir" in error
+    assert not (tmp_path / "hub").exists()

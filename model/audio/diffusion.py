@@ -53,6 +53,10 @@ class AudioDiffusionConfig(DiffusionConfig):
     speaker_dropout: float = 0.1  # probability of training a row with the null speaker
     speaker_guidance_scale: float = 1.5
 
+    def resolve_derived(self) -> None:
+        if self.patch_height is None:  # frames: one row (image configs derive it from patch_size)
+            self.patch_height = 1
+
     def validate(self) -> None:
         super().validate()
         if self.patch_height != 1:
