@@ -58,7 +58,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    """x: (B, N, D) → (B, N, D)."""
+    """x: (B, N, D) → (B, N, D), optionally attending only to the tokens token_bias marks."""
 
     def __init__(self, hidden_size: int, n_heads: int):
         super().__init__()
@@ -66,10 +66,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """token_bias: (B, 1, 1, N) bool (True = attend to that token) or None (every token)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=token_bias)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -93,7 +94,8 @@ class CrossAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """x: (B, N, D), c: (B, D) = SiLU of the conditioning, text: (B, L, D) → (B, N, D)."""
+    """x: (B, N, D), c: (B, D) = SiLU of the conditioning, text: (B, L, D) → (B, N, D); token_bias (B, 1, 1, N)
+    bool limits self-attention to the real tokens of variable-length inputs."""
 
     def __init__(self, hidden_size: int, n_heads: int, mlp_ratio: float):
         super().__init__()
@@ -107,10 +109,10 @@ class DiTBlock(nn.Module):
                                  nn.Linear(mlp_hidden, hidden_size))
         self.adaLN_modulation = nn.Linear(hidden_size, 6 * hidden_size)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor,
-                text_bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text: torch.Tensor, text_bias: torch.Tensor | None,
+                token_bias: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa)))
+        x = torch.addcmul(x, gate_msa[:, None], self.attn(modulate(self.norm1(x), shift_msa, scale_msa), token_bias))
         x = x + self.cross_attn(self.norm_cross(x), text, text_bias)
         return torch.addcmul(x, gate_mlp[:, None], self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp)))
 
@@ -170,11 +172,15 @@ class DiT(nn.Module):
         self.gradient_checkpointing = enabled
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
-                text_mask: torch.Tensor, drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor, drop_condition: torch.Tensor | None = None,
+                extra_condition: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """latents: (B, C, H, W), or (B, C, T) when patch_height is 1; timesteps: (B,) or scalar, on the
         0..num_train_timesteps scale; text_emb: (B, L, text_embed_dim); text_mask: (B, L) bool, True for
         real tokens, at least one per row; drop_condition: (B,) bool, rows that get the learned null
-        condition instead of their text (classifier-free guidance), or None.
+        condition instead of their text (classifier-free guidance), or None; extra_condition: (B, hidden_size)
+        added to the timestep conditioning (e.g. a projected speaker embedding), or None; token_mask: (B, N) bool
+        over the patch tokens (row-major grid), True for real ones: self-attention reads only those (at least
+        one per row), or None for all.
         Returns the prediction: the latents' shape, in the weights' dtype (or autocast's)."""
         x = self._check_latents(latents)
         B, _, H, W = x.shape
@@ -195,12 +201,18 @@ class DiT(nn.Module):
         weights = text_mask.to(text.dtype)[..., None]
         pooled = (text * weights).sum(1) / weights.sum(1)
         c = self.time_embed(timestep_embedding(timesteps, TIMESTEP_FREQUENCIES).to(dtype)) + self.text_pool_proj(pooled)
+        if extra_condition is not None:
+            if extra_condition.shape != (B, self.config.hidden_size):
+                raise ValueError(f"extra_condition must be (B, hidden_size) = ({B}, {self.config.hidden_size}), "
+                                 f"got {tuple(extra_condition.shape)}")
+            c = c + extra_condition.to(c.dtype)
         c = F.silu(c)
+        token_bias = self._token_bias(token_mask, B, grid[0] * grid[1])
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, text, text_bias, use_reentrant=False)
+                tokens = checkpoint(block, tokens, c, text, text_bias, token_bias, use_reentrant=False)
             else:
-                tokens = block(tokens, c, text, text_bias)
+                tokens = block(tokens, c, text, text_bias, token_bias)
         out = self.final_layer(tokens, c)
         out = out.view(B, *grid, *self.patch, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
         return out.squeeze(2) if latents.ndim == 3 else out
@@ -240,6 +252,18 @@ class DiT(nn.Module):
             text_emb = torch.where(drop_condition[:, None, None], null_text, text_emb)
             text_mask = torch.where(drop_condition[:, None], first, text_mask)
         return text_emb, text_mask
+
+    @staticmethod
+    def _token_bias(token_mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+        """SDPA's self-attention mask (B, 1, 1, N) from token_mask (B, N), or None (attend to every token)."""
+        if token_mask is None:
+            return None
+        if token_mask.shape != (batch, tokens):
+            raise ValueError(f"token_mask must be (B, N) = ({batch}, {tokens}) over the patch tokens, "
+                             f"got {tuple(token_mask.shape)}")
+        if not bool(token_mask.any(1).all()):
+            raise ValueError("a row of token_mask has no True position: every sample needs at least one real token")
+        return token_mask.bool()[:, None, None, :]
 
     @staticmethod
     def _text_bias(text_mask: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,147 @@
+"""Speak a prompt with a pretrain_audio_diffusion.py run: text (and a reference speaker) -> DiT -> log-mel
+[-> audio VAE decoder] -> vocoder -> a wav file.
+
+    python generate_audio.py --run_dir runs/RUN --prompt "red box seven" --speaker ref.wav \\
+        --vocoder_checkpoint runs/vocoder/checkpoint-XXX --output out.wav
+    python generate_audio.py --checkpoint runs/RUN/checkpoint-5000 --prompt "..." --speaker ref.wav --seconds 2.5 \\
+        --guidance_scale 4 --speaker_guidance_scale 2 --steps 50 --seed 3 --vocoder_checkpoint DIR --output out.wav
+
+The newest checkpoint of --run_dir is used unless --checkpoint names one; its EMA weights unless --no_ema. The text
+encoder, speaker encoder and (for a latent DiT) the audio VAE are the ones the run recorded
+(checkpoint-STEP/diffusion_meta.json); --vae_checkpoint points at the VAE if it has moved. --speaker is a recording
+of the voice to imitate (any rate, mixed to mono), embedded by the run's speaker encoder. The length is --seconds,
+or by default the prompt's text tokens times the mel frames per token of the training data. The same --seed gives
+the same audio. --save_mel also writes the generated log-mel (torch.save, (n_mels, T)) beside the wav.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+
+from model.audio.diffusion import FrameCodec, generate_mel, load_audio_diffusion_checkpoint
+from model.audio.speaker_encoders import speaker_encoder_from_description
+from model.audio.vae import load_audio_vae_checkpoint
+from model.audio.vocoders.vocoders import load_vocoder
+from model.text_encoders import text_encoder_from_description
+from training.checkpoints import resolve_checkpoint
+from training.distributed import choose_device
+
+FEATURE_KEYS = ("sample_rate", "n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", help="a run of pretrain_audio_diffusion.py (its newest checkpoint)")
+    parser.add_argument("--checkpoint", help="a checkpoint directory, or its name inside --run_dir")
+    parser.add_argument("--prompt", required=True, help="the text to speak")
+    parser.add_argument("--speaker", help="a reference recording of the voice (needed by speaker-conditioned runs)")
+    parser.add_argument("--vocoder_checkpoint", required=True, help="a pretrain_vocoder.py checkpoint directory")
+    parser.add_argument("--output", default="generated.wav", help="the wav file to write")
+    parser.add_argument("--seconds", type=float, help="length (default: from the prompt's length)")
+    parser.add_argument("--guidance_scale", type=float, help="text guidance (default: the config's)")
+    parser.add_argument("--speaker_guidance_scale", type=float, help="speaker guidance (default: the config's)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the config's sampling_steps)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no_ema", action="store_true", help="use the trained weights instead of their EMA")
+    parser.add_argument("--vae_checkpoint", help="the audio VAE of a latent run (default: the run's)")
+    parser.add_argument("--save_mel", action="store_true", help="also write OUTPUT.mel.pt")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    return parser
+
+
+def resolve_checkpoint_dir(args) -> Path:
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--run_dir {run_dir} does not exist: train one with pretrain_audio_diffusion.py")
+        if args.checkpoint:
+            return Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run_dir / args.checkpoint
+        return resolve_checkpoint("latest", run_dir)
+    if not args.checkpoint:
+        raise ValueError("give --run_dir (its newest checkpoint) or --checkpoint")
+    return Path(args.checkpoint)
+
+
+def read_speaker(path) -> tuple[torch.Tensor, int]:
+    """The reference recording mixed to mono: ((S,) float32, sample rate); ValueError when unreadable."""
+    try:
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, OSError, RuntimeError) as error:
+        raise ValueError(f"--speaker {path} could not be read as audio ({' '.join(str(error).split())}): give a "
+                         "wav/flac/ogg recording of the voice") from error
+    waveform = torch.from_numpy(np.ascontiguousarray(samples)).mean(dim=1)
+    if waveform.numel() < rate // 4 or not torch.isfinite(waveform).all():
+        raise ValueError(f"--speaker {path} is shorter than 0.25 s or holds non-finite samples: give at least a "
+                         "second of clean speech")
+    return waveform, rate
+
+
+def check_arguments(args) -> None:
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty: give the text to speak")
+    if args.seconds is not None and args.seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {args.seconds}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    for name in ("guidance_scale", "speaker_guidance_scale"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+
+
+@torch.no_grad()
+def generate(args) -> dict:
+    """Write args.output; returns {"path", "seconds", "frames"}."""
+    check_arguments(args)
+    checkpoint = resolve_checkpoint_dir(args)
+    device = choose_device(args.device)
+    model, meta = load_audio_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
+    features = meta["features"]
+    vocoder = load_vocoder(args.vocoder_checkpoint, device)
+    differ = [key for key in FEATURE_KEYS if vocoder.features.to_dict()[key] != features[key]]
+    if differ:
+        raise ValueError(f"the vocoder {args.vocoder_checkpoint} takes other mel features than the run was trained on "
+                         f"({', '.join(differ)} differ): pass a vocoder trained on the run's features")
+    speaker = None
+    if model.config.speaker_embedding_dim:
+        if not args.speaker:
+            raise ValueError(f"this run is conditioned on a speaker: pass --speaker ref.wav (a recording of the voice, "
+                             f"embedded by {meta['speaker_encoder']['name']})")
+        waveform, rate = read_speaker(args.speaker)
+        speaker = speaker_encoder_from_description(meta["speaker_encoder"], device).embed([waveform], rate)
+    vae = None
+    if meta["representation"] == "latent":
+        vae = load_audio_vae_checkpoint(args.vae_checkpoint or meta["vae_checkpoint"], device)
+    codec = FrameCodec(meta["representation"], meta["mel_mean"], meta["mel_std"], vae, meta["latent_scale"])
+    text_emb, text_mask = text_encoder_from_description(meta["text_encoder"], device).encode([args.prompt])
+    if args.seconds is not None:
+        frames = 1 + round(args.seconds * features["sample_rate"]) // features["hop_length"]
+    else:
+        frames = max(2, round(int(text_mask.sum()) * meta["frames_per_text_token"]))
+    mel = generate_mel(model, codec, text_emb, speaker, frames, args.steps, args.seed, args.guidance_scale,
+                       args.speaker_guidance_scale)
+    audio = vocoder(mel.to(device))[0][0].float().clamp(-1, 1).cpu().numpy()
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(output), audio, features["sample_rate"])
+    if args.save_mel:
+        torch.save(mel[0].cpu(), output.with_suffix(".mel.pt"))
+    return {"path": output, "seconds": len(audio) / features["sample_rate"], "frames": frames}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = generate(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{result['path']}: {result['seconds']:.2f} s ({result['frames']} mel frames) for {args.prompt!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
