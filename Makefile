@@ -4,15 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-$(shell cat requirements.txt requirements-deepspeed.txt | sha256sum | cut -c1-16)
 
-.PHONY: setup test demo bench clean espeak
+.PHONY: setup test demo bench clean speech
 
-setup: $(STAMP) espeak
+setup: $(STAMP) speech
 
-# builtin:speech (data/builtin_speech.py) synthesises speech offline with espeak-ng: install it where apt
-# is available and we are root; elsewhere the speech tests skip and the preprocessor says how to install it.
-espeak:
-	@command -v espeak-ng >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get install -y -qq espeak-ng >/dev/null; } || echo "note: espeak-ng not installed (apt-get install espeak-ng)"
+# builtin:speech (data/builtin_speech.py) synthesises speech offline with espeak-ng and flite: install them where
+# apt is available and we are root; elsewhere the speech tests skip and the preprocessor says how to install them.
+speech:
+	@for program in espeak-ng flite; do command -v $$program >/dev/null || { [ "$$(id -u)" = 0 ] && \
+		command -v apt-get >/dev/null && apt-get install -y -qq $$program >/dev/null; } || \
+		echo "note: $$program not installed (apt-get install $$program)"; done
 
 $(STAMP): requirements.txt requirements-deepspeed.txt
 	rm -rf $(VENV)
@@ -22,7 +23,7 @@ $(STAMP): requirements.txt requirements-deepspeed.txt
 	$(PY) -m pip install --quiet --no-build-isolation -r requirements-deepspeed.txt
 	touch $@
 
-test: $(STAMP) espeak
+test: $(STAMP) speech
 	$(PY) -m pytest -q tests
 
 # The main job on the built-in data: cache the corpus once, then train `tiny` for a few minutes on two

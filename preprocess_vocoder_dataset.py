@@ -4,6 +4,8 @@
         --split train.360                                   # LibriSpeech from the Hugging Face hub (streamed)
     python preprocess_vocoder_dataset.py --dataset_name builtin:speech --split train \\
         --output_dir cached_datasets/speech_train           # offline: speech synthesised with espeak-ng
+    python preprocess_vocoder_dataset.py --dataset_name builtin:speech --voices all --split train \
+        --output_dir cached_datasets/speech_all_train       # espeak-ng's 12 voices and flite's 4
     python preprocess_vocoder_dataset.py --dataset_name builtin:speech --split validation \\
         --output_dir cached_datasets/speech_val
     python preprocess_vocoder_dataset.py --input_dir my_wavs --split train --output_dir cached_datasets/my_train
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioRecord, AudioSource, Segmenting,
                                 load_segments)
-from data.builtin_speech import BUILTIN_SPEECH_NAME
+from data.builtin_speech import BUILTIN_SPEECH_NAME, VOICE_GROUPS, parse_voices
 from data.cli import run_preprocessing
 from data.sharded_cache import ShardedCacheWriter, map_in_workers
 from model.audio.features import AudioFeatureConfig, log_mel
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset_name", help=f"Hugging Face dataset (default {DEFAULT_HUB_DATASET}) or "
-                                               f"{BUILTIN_SPEECH_NAME} (no download; needs espeak-ng)")
+                                               f"{BUILTIN_SPEECH_NAME} (no download; needs espeak-ng or flite)")
     source.add_argument("--input_dir", help="folder of .wav/.flac/.ogg files (recursive), with optional .txt "
                                             "transcripts beside them or a metadata.csv (file_name,text[,speaker])")
     source.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
@@ -58,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="built-in, folder and single saved-dataset sources: share of items (by a hash of "
                              "their key) in validation; use the same value for both splits")
     parser.add_argument("--seed", type=int, default=0, help=f"picks the {BUILTIN_SPEECH_NAME} corpus")
+    parser.add_argument("--voices", help=f"{BUILTIN_SPEECH_NAME}: comma-separated voices (the speakers) or groups "
+                                         f"{', '.join(VOICE_GROUPS)}; default espeak (its 12 voices). Voices: "
+                                         f"{', '.join(VOICE_GROUPS['all'])}")
     defaults = AudioFeatureConfig()
     features = parser.add_argument_group("audio features (model/audio/features.py)")
     for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
@@ -92,7 +97,8 @@ def write(args) -> dict:
     source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split,
                          input_dir=args.input_dir, from_disk=args.from_disk, audio_column=args.audio_column,
                          text_column=args.text_column, speaker_column=args.speaker_column,
-                         num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed)
+                         num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed,
+                         voices=None if args.voices is None else parse_voices(args.voices))
     features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
                                   hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
                                   f_max=args.f_max)

@@ -10,7 +10,8 @@ preprocessor (vocoder, audio VAE, audio diffusion).
 Sources (exactly one):
 - `dataset_name`: a Hugging Face dataset, streamed (default openslr/librispeech_asr, config `clean`); its
   audio column is read undecoded (`Audio(decode=False)`) and decoded here with soundfile.
-- `dataset_name="builtin:speech"`: speech synthesised with espeak-ng (data/builtin_speech.py).
+- `dataset_name="builtin:speech"`: speech synthesised with espeak-ng and flite (data/builtin_speech.py), by
+  `voices` (default espeak-ng's 12).
 - `input_dir`: a folder of .wav/.flac/.ogg files (recursive, sorted). Transcripts come from a row of
   `metadata.csv` in the folder (columns file_name,text[,speaker]; file_name relative to the folder) or else
   from a `.txt` beside the audio file; the speaker is the metadata's speaker, else the top-level subfolder.
@@ -38,8 +39,8 @@ import soundfile
 import torch
 import torchaudio
 
-from data.builtin_speech import (BUILTIN_SPEECH_NAME, SpeechUnavailableError, Utterance, hash_fraction,
-                                 iter_utterances, require_espeak, synthesize)
+from data.builtin_speech import (BUILTIN_SPEECH_NAME, DEFAULT_VOICES, SpeechUnavailableError, Utterance,
+                                 hash_fraction, iter_utterances, parse_voices, require_synthesisers, synthesize)
 from data.saved_datasets import DataSourceError, load_saved_dataset
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ def load_segments(record: AudioRecord, segmenting: Segmenting) -> LoadedAudio:
 class AudioSource:
     """Exactly one of `dataset_name` (a hub name or builtin:speech), `input_dir` or `from_disk` (see the module
     docstring). `num_items` caps the records read (built-in: how many to synthesise, default 1000 for train
-    and 100 for validation). `seed` picks the built-in corpus."""
+    and 100 for validation). `seed` and `voices` (names or groups, see builtin_speech.parse_voices; None for
+    the default ones) pick the built-in corpus."""
 
     dataset_name: str | None = None
     dataset_config: str | None = None
@@ -177,6 +179,7 @@ class AudioSource:
     num_items: int | None = None
     val_fraction: float = 0.05
     seed: int = 0
+    voices: tuple[str, ...] | None = None
 
     def __post_init__(self):
         given = [name for name in ("dataset_name", "input_dir", "from_disk") if getattr(self, name)]
@@ -197,8 +200,12 @@ class AudioSource:
                 what = "a folder of .wav/.flac/.ogg files" if name == "input_dir" else "a save_to_disk folder"
                 raise FileNotFoundError(f"--{name} {getattr(self, name)} does not exist or is not a directory; "
                                         f"give {what}")
+        if self.voices is not None and self.kind != "builtin":
+            raise DataSourceError(f"--voices picks the voices of {BUILTIN_SPEECH_NAME}; {self.kind} sources have "
+                                  "their own speakers")
         if self.kind == "builtin":
-            require_espeak()
+            object.__setattr__(self, "voices", parse_voices(self.voices or DEFAULT_VOICES))
+            require_synthesisers(self.voices)
         if self.kind == "local":
             self.local_files()  # fails now, before any work, when the folder or the split is empty
 
@@ -227,7 +234,8 @@ class AudioSource:
         """A fresh iterator over the split's records, in a fixed order, at most `num_items`."""
         if self.kind == "builtin":
             return (AudioRecord(item.key, speaker=item.voice, text=item.text, utterance=item)
-                    for item in iter_utterances(self.split_name, self.expected_items, self.val_fraction, self.seed))
+                    for item in iter_utterances(self.split_name, self.expected_items, self.val_fraction, self.seed,
+                                                self.voices))
         readers = {"hub": self._hub_records, "local": self._local_records, "from_disk": self._disk_records}
         return itertools.islice(readers[self.kind](), self.num_items)
 

@@ -1,11 +1,15 @@
 """vocode.py (audio file → mel → vocoder → audio, and a saved mel → audio) and evaluate_vocoder.py (PESQ, STOI,
 mel L1, multi-resolution STFT, real-time factor over a cache), on a vocoder trained for a few steps; PESQ/STOI at
-their maxima for identical clips and lower for noisy copies; skipped clips counted; clear errors for bad input."""
+their maxima for identical clips and lower for noisy copies; skipped clips counted; clear errors for bad input.
+evaluate_vocoder.py --input_dir (a folder of audio files: resampled, mixed to mono, unreadable and too short files
+skipped and counted; an empty folder is an error), --baseline griffin_lim (its figures beside the vocoder's), and
+the seed's inference/examples clips."""
 
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 import torch
@@ -16,12 +20,14 @@ import evaluate_vocoder
 import preprocess_vocoder_dataset
 import pretrain_vocoder
 import vocode
+from data.audio_folder import folder_clips
 from data.sharded_cache import ShardedCache
 from evaluate_vocoder import MetricSkipped, pesq_wideband, stoi_score
 from model.audio.features import AudioFeatureConfig, log_mel
 from model.pretrained import load_pretrained
 from test_vocoder_training import FEATURES, HOP, TINY, tone, write_cache
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "inference" / "examples"
 PESQ_MAXIMUM = 4.6439  # wideband MOS-LQO of a clip compared with itself (P.862.2's mapping tops out here)
 
 
@@ -210,3 +216,88 @@ def test_evaluate_bad_input(run_dir, tmp_path, capsys):
         assert error.startswith("error: ") and message in error, (flags, error)
     assert evaluate_main("--checkpoint", tmp_path, "--data_dir", other.directory) == 1
     assert "config.yaml and model.safetensors" in capsys.readouterr().err
+
+
+# ----- evaluate_vocoder.py --input_dir and --baseline griffin_lim; inference/examples -----
+
+@pytest.fixture
+def audio_folder(tmp_path) -> Path:
+    """Two good files (a 16 kHz wav and a stereo 22.05 kHz flac in a subfolder), a corrupt one, a too short one
+    and a text file that is not audio."""
+    root = tmp_path / "clips"
+    (root / "more").mkdir(parents=True)
+    soundfile.write(root / "a.wav", tone(1.1, seed=1).numpy(), 16000)
+    stereo = torch.stack([tone(0.9, seed=2, sample_rate=22050), tone(0.9, seed=3, sample_rate=22050)], dim=1)
+    soundfile.write(root / "more" / "b.flac", stereo.numpy(), 22050)
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x01\x00\x00WAVEfmt not audio")
+    soundfile.write(root / "tiny.wav", np.zeros(300, np.float32) + 0.1, 16000)
+    (root / "notes.txt").write_text("not audio")
+    return root
+
+
+def test_folder_clips_decode_resample_pad_and_skip(audio_folder):
+    clips, skipped = folder_clips(audio_folder, FEATURES)
+    assert [clip["source_id"] for clip in clips] == ["a.wav", "more/b.flac"]
+    assert [skip["source_id"] for skip in skipped] == ["broken.wav", "tiny.wav"]
+    assert skipped[0]["reason"].startswith("unreadable") and "too short (300 samples" in skipped[1]["reason"]
+    data, rate = soundfile.read(audio_folder / "more" / "b.flac", dtype="float32")
+    mono = torchaudio.functional.resample(torch.from_numpy(data).mean(dim=1), rate, 16000)  # 14400 samples
+    expected = torch.nn.functional.pad(mono, (0, -len(mono) % 256))  # a multiple of the hop: 14592
+    torch.testing.assert_close(clips[1]["waveform"], expected)
+    torch.testing.assert_close(clips[1]["mel"], log_mel(expected, FEATURES))
+    assert clips[0]["waveform"].numel() == 17664  # 17600 samples padded to 69 hops
+
+
+def test_evaluate_a_folder_with_the_griffin_lim_baseline(run_dir, audio_folder, tmp_path, capsys):
+    output = tmp_path / "report.json"
+    assert evaluate_main("--run_dir", run_dir, "--input_dir", audio_folder, "--baseline", "griffin_lim",
+                         "--griffin_lim_iters", 16, "--output_json", output) == 0
+    report = json.loads(output.read_text())
+    assert report["clips"] == 2 and report["input_dir"] == str(audio_folder) and report["data_dir"] is None
+    assert [skip["source_id"] for skip in report["files_skipped"]] == ["broken.wav", "tiny.wav"]
+    baseline = report["baseline"]
+    assert baseline["n_iter"] == 16 and len(baseline["per_clip"]) == 2
+    for name in ("pesq", "stoi", "mel_l1", "mrstft", "rtf"):
+        assert report[name]["count"] == baseline[name]["count"] == 2, name
+    # two training steps do not make a vocoder: Griffin-Lim on the same mels is far closer to the clips
+    assert baseline["mel_l1"]["mean"] < report["mel_l1"]["mean"] - 0.5
+    assert baseline["stoi"]["mean"] > report["stoi"]["mean"]
+    printed = capsys.readouterr().out
+    assert "vocoder mean ± std" in printed and "Griffin-Lim mean ± std" in printed
+    assert "skipped 2 file(s)" in printed and "broken.wav: unreadable" in printed
+
+
+def test_evaluate_folder_errors(run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.flac").write_bytes(b"fLaC nothing")
+    cases = [
+        (["--input_dir", tmp_path / "empty"], "holds no .wav/.flac/.ogg files"),
+        (["--input_dir", tmp_path / "missing"], "does not exist"),
+        (["--input_dir", tmp_path / "bad"], "every file of --input_dir"),
+        (["--input_dir", tmp_path / "bad", "--baseline", "griffin_lim", "--griffin_lim_iters", 0],
+         "--griffin_lim_iters must be at least 1"),
+    ]
+    for flags, message in cases:
+        assert evaluate_main("--run_dir", run_dir, *flags) == 1
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and "Traceback" not in error, (flags, error)
+
+
+def test_the_example_clips_are_small_speech_that_griffin_lim_resynthesises(run_dir, tmp_path):
+    files = sorted(EXAMPLES.glob("*.flac"))
+    readme = (EXAMPLES / "README.md").read_text()
+    assert len(files) == 5 and sum(path.stat().st_size for path in files) < 1_000_000
+    for path in files:
+        info = soundfile.info(path)
+        assert info.samplerate == 16000 and info.channels == 1 and 2 < info.duration < 6, path
+        assert f"$T/{path.stem}.wav" in readme, path  # the README gives the command that made it
+    clips, skipped = folder_clips(EXAMPLES, FEATURES)
+    assert len(clips) == 5 and skipped == []
+    output = tmp_path / "examples.json"
+    assert evaluate_main("--run_dir", run_dir, "--input_dir", EXAMPLES, "--baseline", "griffin_lim",
+                         "--griffin_lim_iters", 32, "--max_items", 2, "--output_json", output) == 0
+    baseline = json.loads(output.read_text())["baseline"]
+    # measured on the first two clips (espeak-ng en-gb+f3 and en-us), 32 iterations: PESQ-WB 2.39, STOI 0.94
+    assert baseline["stoi"]["count"] == 2 and baseline["stoi"]["mean"] > 0.85
+    assert baseline["pesq"]["mean"] > 1.6
