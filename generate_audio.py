@@ -25,7 +25,7 @@ import torch
 from model.audio.diffusion import FrameCodec, generate_mel, load_audio_diffusion_checkpoint
 from model.audio.speaker_encoders import speaker_encoder_from_description
 from model.audio.vae import load_audio_vae_checkpoint
-from model.audio.vocoders.vocoders import load_vocoder
+from model.pretrained import load_pretrained
 from model.text_encoders import text_encoder_from_description
 from training.checkpoints import resolve_checkpoint
 from training.distributed import choose_device
@@ -100,7 +100,7 @@ def generate(args) -> dict:
     device = choose_device(args.device)
     model, meta = load_audio_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
     features = meta["features"]
-    vocoder = load_vocoder(args.vocoder_checkpoint, device)
+    vocoder = load_pretrained(args.vocoder_checkpoint, device, family="vocoder")
     differ = [key for key in FEATURE_KEYS if vocoder.features.to_dict()[key] != features[key]]
     if differ:
         raise ValueError(f"the vocoder {args.vocoder_checkpoint} takes other mel features than the run was trained on "

@@ -31,7 +31,7 @@ import yaml
 from data.audio_diffusion_batches import check_speaker_embedding_dim, open_utterance_caches
 from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, build_audio_diffusion
 from model.audio.vae import load_audio_vae_checkpoint
-from model.audio.vocoders.vocoders import load_vocoder
+from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.audio_diffusion_task import build_audio_diffusion_task, describe_run, latent_scale_factor
 from training.cli import run_training
@@ -106,7 +106,7 @@ def prepare(args):
     config = resolve_config(args, data)
     if args.sample_steps is not None and args.sample_steps > config.num_train_timesteps:
         raise ValueError(f"--sample_steps must be at most num_train_timesteps={config.num_train_timesteps}")
-    vocoder = load_vocoder(args.vocoder_checkpoint) if args.vocoder_checkpoint else None
+    vocoder = load_pretrained(args.vocoder_checkpoint, family="vocoder") if args.vocoder_checkpoint else None
 
     def build_task(context):
         if vae is not None:

@@ -24,7 +24,7 @@ import sys
 
 from data.audio_diffusion_batches import check_speaker_embedding_dim, open_utterance_caches
 from model.audio.vae import AudioVAEConfig, build_audio_vae
-from model.audio.vocoders.vocoders import load_vocoder
+from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.audio_vae_task import build_audio_vae_task, segment_frames
 from training.cli import run_training
@@ -83,7 +83,7 @@ def resolve_config(args, speaker_embedding_dim: int, n_mels: int) -> AudioVAECon
 
 def load_matching_vocoder(directory, features: dict):
     """The vocoder of `directory`, checked to take the cache's mel features."""
-    vocoder = load_vocoder(directory)
+    vocoder = load_pretrained(directory, family="vocoder")
     theirs = vocoder.features.to_dict()
     differ = [f"{key}: vocoder {theirs[key]}, cache {features[key]}" for key in FEATURE_KEYS
               if theirs[key] != features[key]]
