@@ -30,7 +30,8 @@ from model.image.vae import ImageVAEConfig, build_image_vae
 from model.pretrained import load_weights
 from model.text_encoders import BuiltinWordEncoder
 from training.ema_state import EMAState
-from training.image_diffusion_task import (build_image_diffusion_task, micro_batch_seed, resolve_diffusion_config,
+from training.distributed import micro_batch_seed
+from training.image_diffusion_task import (build_image_diffusion_task, resolve_diffusion_config,
                                            sample_latents)
 from training.loop import RunContext
 from training.task import Image as ImageSample

@@ -28,7 +28,7 @@ from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, audio_diffus
 from model.diffusion import EMA
 from training.audio_samples import mel_image
 from training.ema_state import EMAState
-from training.image_diffusion_task import micro_batch_seed
+from training.distributed import micro_batch_seed
 from training.loop import evaluate_means
 from training.task import Audio, Image, LossTerms, TrainingTask
 

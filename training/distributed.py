@@ -70,3 +70,8 @@ def broadcast_flag(flag: bool) -> bool:
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def micro_batch_seed(seed: int, rank: int, index: int) -> int:
+    """The generator seed of micro-batch `index` of `rank`: a pure function of its arguments."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + index) % 2 ** 63

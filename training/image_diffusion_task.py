@@ -34,6 +34,7 @@ from model.image.diffusion import ImageDiffusionConfig
 from model.image.pipeline import DIFFUSION_META, sample_grid
 from model.image.vae import ImageVAE
 from model.text_encoders import text_encoder_from_description
+from training.distributed import micro_batch_seed
 from training.ema_state import EMAState
 from training.loop import evaluate_means
 from training.task import Image, LossTerms, TrainingTask
@@ -77,11 +78,6 @@ def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator)
     mean = batch["latent_mean"].float()
     noise = torch.randn(mean.shape, generator=generator, device=mean.device)
     return (mean + torch.exp(0.5 * batch["latent_logvar"].float()) * noise) * scale_factor
-
-
-def micro_batch_seed(seed: int, rank: int, index: int) -> int:
-    """The generator seed of micro-batch `index` of `rank`: a pure function of its arguments."""
-    return ((seed * 1_000_003 + rank) * 1_000_000_007 + index) % 2 ** 63
 
 
 class _Denoiser:

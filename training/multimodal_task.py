@@ -31,7 +31,7 @@ from model.multimodal.loss import multimodal_loss
 from model.multimodal.media import num_positions
 from training.arguments import check_arguments
 from model.image.pipeline import load_vae_checkpoint
-from training.image_diffusion_task import micro_batch_seed
+from training.distributed import micro_batch_seed
 from training.loop import evaluate_means
 from training.task import Image, LossTerms, TrainingTask
 

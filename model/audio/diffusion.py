@@ -72,7 +72,7 @@ class AudioDiffusionConfig(DiffusionConfig):
                              f"got {self.speaker_guidance_scale}")
 
 
-model_config_lookup = {name: AudioDiffusionConfig.from_name(name) for name in AudioDiffusionConfig.available_names()}
+model_config_lookup = AudioDiffusionConfig.registry()  # name → config, parsed when looked up
 
 
 def build_audio_diffusion(config: AudioDiffusionConfig) -> "AudioDiT":

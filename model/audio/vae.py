@@ -134,7 +134,7 @@ class AudioVAEConfig(YamlConfig):
                 raise ValueError(f"config key '{key}' must not be negative, got {getattr(self, key)}")
 
 
-model_config_lookup = {name: AudioVAEConfig.from_name(name) for name in AudioVAEConfig.available_names()}
+model_config_lookup = AudioVAEConfig.registry()  # name → config, parsed when looked up
 
 
 def build_audio_vae(config: AudioVAEConfig | str) -> "AudioVAE":
