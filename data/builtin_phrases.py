@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterator
 
 from data.audio_sources import AudioRecord
-from data.builtin_speech import Utterance, hash_fraction, require_espeak
+from data.builtin_speech import Utterance, hash_fraction, require_synthesisers
 
 BUILTIN_PHRASES_NAME = "builtin:phrases"
 COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
@@ -58,6 +58,6 @@ def phrase_utterances(split: str, num_items: int | None = None, val_fraction: fl
 def phrase_records(split: str, num_items: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
                    seed: int = 0) -> Iterator[AudioRecord]:
     """AudioRecords of phrase_utterances (synthesised when decoded; espeak-ng is checked now)."""
-    require_espeak()
+    require_synthesisers(voice for voice, _, _ in SPEAKERS)
     return (AudioRecord(item.key, speaker=item.voice, text=item.text, utterance=item)
             for item in phrase_utterances(split, num_items, val_fraction, seed))

@@ -77,7 +77,7 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
            for start in range(0, len(val_items), args.batch_size)]
     sample_items = val_items[:args.sample_clips]
     ema = EMA(model, decay=config.ema_decay).to(device)
-    state = EMAState(ema, run_meta)
+    state = EMAState(ema, run_meta, "diffusion_meta.json")
 
     def train_batch(i: int) -> dict:
         return {**train.batch(i), "index": torch.tensor(i)}
