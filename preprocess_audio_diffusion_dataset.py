@@ -36,7 +36,6 @@ import itertools
 import math
 import os
 import sys
-import time
 
 import torch
 import torchaudio
@@ -46,6 +45,7 @@ from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioDe
                                 decode_record, rms_db)
 from data.builtin_phrases import BUILTIN_PHRASES_NAME, DEFAULT_VAL_FRACTION, phrase_records
 from data.builtin_speech import BUILTIN_SPEECH_NAME
+from data.cli import run_preprocessing
 from data.saved_datasets import DataSourceError
 from data.sharded_cache import ShardedCacheWriter, check_output_dir, map_in_workers
 from model.audio.features import AudioFeatureConfig, log_mel
@@ -237,29 +237,22 @@ def write_audio_diffusion_cache(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
-    started = time.perf_counter()
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> dict:
+    """Write the cache the flags describe to args.output_dir (set to its default when empty); returns meta."""
     split = "validation" if args.split == "val" else args.split
     args.output_dir = args.output_dir or f"cached_datasets/audio_{split}_diffusion_cached"
     threads = torch.get_num_threads()
     try:
-        meta = write_audio_diffusion_cache(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
+        return write_audio_diffusion_cache(args)
     finally:
         torch.set_num_threads(threads)
-    print_summary(meta, args.output_dir, time.perf_counter() - started)
-    return 0
 
 
-def print_summary(meta: dict, output_dir: str, seconds: float) -> None:
+def print_summary(meta: dict, args, seconds: float) -> None:
+    output_dir = args.output_dir
     counts, source = meta["counts"], meta["source"]
     where = source.get("dataset_name") or source.get("input_dir") or source.get("from_disk")
     print(f"\nAudio diffusion cache written to {output_dir}")

@@ -11,6 +11,7 @@ text-only windows from a text cache.
         --tokenizer cached_datasets/wm_train/tokenizer --output_dir cached_datasets/wm_val
     python preprocess_multimodal_dataset.py --image_cache_dir cached_datasets/image_train_cached \\
         --vae_checkpoint runs/image_vae_run/checkpoint-XXX --text_cache_dir cached_datasets/text    # + text windows
+(checkpoint-XXX: the step of the VAE checkpoint that pretrain_image_vae.py wrote, e.g. checkpoint-1000.)
 
 Images come from an image cache of preprocess_image_vae_dataset.py (--image_cache_dir) or straight from a source
 with its flags (--dataset_name, --input_dir, --from_disk, --image_size, ...). The VAE is --vae_checkpoint (a
@@ -30,13 +31,13 @@ import hashlib
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.cli import run_preprocessing
 from data.image_latents import SHORT_SPLIT, LatentStatistics, checkpoint_fingerprint, image_items
 from data.image_sources import add_image_source_arguments
 from data.multimodal_batches import ORDERS
@@ -199,21 +200,17 @@ def write_multimodal_cache(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_request:  # --help, or a usage error argparse has already printed
-        return int(exit_request.code or 0)
-    started = time.perf_counter()
+    return run_preprocessing(argv, build_parser(), write, print_summary)
+
+
+def write(args) -> dict:
+    """Write the interleaved cache the flags describe to args.output_dir (set to its default when empty)."""
     split = "validation" if args.split == "val" else args.split
     args.output_dir = args.output_dir or f"cached_datasets/wm_{SHORT_SPLIT.get(split, split)}"
-    try:
-        meta = write_multimodal_cache(args)
-    except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no cache was written", file=sys.stderr)
-        return 130
+    return write_multimodal_cache(args)
+
+
+def print_summary(meta: dict, args, seconds: float) -> None:
     counts, image, text = meta["counts"], meta["media"]["image"], meta["tokenizer"]
     print(f"\nInterleaved cache written to {args.output_dir} (split {meta['split']})")
     print(f"  images    {counts['images']:,} of {meta['image_size']}x{meta['image_size']} in {len(meta['orders'])} "
@@ -223,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  text      tokenizer {text['origin']} ({text['vocab_size']} tokens, saved in "
           f"{Path(args.output_dir, TOKENIZER_DIR)}), {meta['mean_caption_tokens']:.1f} tokens per caption, "
           f"{counts['text_items']:,} text windows")
-    print(f"  time      {time.perf_counter() - started:.1f} s")
-    return 0
+    print(f"  time      {seconds:.1f} s")
 
 
 if __name__ == "__main__":

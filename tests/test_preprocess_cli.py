@@ -4,8 +4,10 @@ import argparse
 
 import pytest
 
+import preprocess_audio_diffusion_dataset
 import preprocess_image_diffusion_dataset
 import preprocess_image_vae_dataset
+import preprocess_multimodal_dataset
 import preprocess_text_dataset
 import preprocess_vocoder_dataset
 from data.cli import run_preprocessing
@@ -64,7 +66,8 @@ def test_a_bug_is_not_hidden():
 
 
 @pytest.mark.parametrize("script", [preprocess_text_dataset, preprocess_vocoder_dataset, preprocess_image_vae_dataset,
-                                    preprocess_image_diffusion_dataset])
+                                    preprocess_image_diffusion_dataset, preprocess_multimodal_dataset,
+                                    preprocess_audio_diffusion_dataset])
 def test_every_preprocess_script_runs_through_the_shared_entry(script, monkeypatch):
     calls = []
     monkeypatch.setattr(script, "run_preprocessing", lambda *arguments: calls.append(arguments) or 7)
