@@ -3,6 +3,7 @@
 
     python generate_audio.py --run_dir runs/RUN --prompt "red box seven" --speaker ref.wav \\
         --vocoder_checkpoint runs/vocoder/checkpoint-XXX --output out.wav
+(checkpoint-XXX: the step of the vocoder checkpoint that pretrain_vocoder.py wrote, e.g. checkpoint-1000.)
     python generate_audio.py --checkpoint runs/RUN/checkpoint-5000 --prompt "..." --speaker ref.wav --seconds 2.5 \\
         --guidance_scale 4 --speaker_guidance_scale 2 --steps 50 --seed 3 --vocoder_checkpoint DIR --output out.wav
 
@@ -22,12 +23,12 @@ import numpy as np
 import soundfile
 import torch
 
-from model.audio.diffusion import FrameCodec, generate_mel, load_audio_diffusion_checkpoint
+from model.audio.diffusion import FrameCodec, generate_mel
 from model.audio.speaker_encoders import speaker_encoder_from_description
-from model.audio.vae import load_audio_vae_checkpoint
+from model.audio.pipeline import load_audio_diffusion_checkpoint, load_audio_vae_checkpoint
 from model.pretrained import load_pretrained
 from model.text_encoders import text_encoder_from_description
-from training.checkpoints import resolve_checkpoint
+from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
 
 FEATURE_KEYS = ("sample_rate", "n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max")
@@ -51,19 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_mel", action="store_true", help="also write OUTPUT.mel.pt")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return parser
-
-
-def resolve_checkpoint_dir(args) -> Path:
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--run_dir {run_dir} does not exist: train one with pretrain_audio_diffusion.py")
-        if args.checkpoint:
-            return Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run_dir / args.checkpoint
-        return resolve_checkpoint("latest", run_dir)
-    if not args.checkpoint:
-        raise ValueError("give --run_dir (its newest checkpoint) or --checkpoint")
-    return Path(args.checkpoint)
 
 
 def read_speaker(path) -> tuple[torch.Tensor, int]:
@@ -96,7 +84,7 @@ def check_arguments(args) -> None:
 def generate(args) -> dict:
     """Write args.output; returns {"path", "seconds", "frames"}."""
     check_arguments(args)
-    checkpoint = resolve_checkpoint_dir(args)
+    checkpoint = checkpoint_from_args(args, "pretrain_audio_diffusion.py")
     device = choose_device(args.device)
     model, meta = load_audio_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
     features = meta["features"]

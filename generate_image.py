@@ -24,7 +24,7 @@ from model.diffusion import sample
 from model.diffusion.samplers import SAMPLERS
 from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint
 from model.text_encoders import text_encoder_from_description
-from training.checkpoints import resolve_checkpoint
+from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
 
 MAX_SLUG_LENGTH = 60
@@ -53,19 +53,6 @@ def slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:MAX_SLUG_LENGTH].rstrip("-") or "prompt"
 
 
-def resolve_checkpoint_dir(args) -> Path:
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--run_dir {run_dir} does not exist: train one with pretrain_image_diffusion.py")
-        if args.checkpoint:
-            return Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run_dir / args.checkpoint
-        return resolve_checkpoint("latest", run_dir)
-    if not args.checkpoint:
-        raise ValueError("give --run_dir (its newest checkpoint) or --checkpoint")
-    return Path(args.checkpoint)
-
-
 def check_arguments(args) -> None:
     if args.num_images < 1:
         raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
@@ -83,7 +70,7 @@ def check_arguments(args) -> None:
 def generate(args) -> list[Path]:
     """Write args.num_images PNGs per prompt; returns their paths."""
     check_arguments(args)
-    checkpoint = resolve_checkpoint_dir(args)
+    checkpoint = checkpoint_from_args(args, "pretrain_image_diffusion.py")
     device = choose_device(args.device)
     model, meta = load_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
     vae, _ = load_vae_checkpoint(args.vae_checkpoint or meta["vae_checkpoint"], device=device)

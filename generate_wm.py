@@ -26,11 +26,11 @@ from PIL import Image
 from data.image_latents import checkpoint_fingerprint
 from data.image_sources import ImageRecord, load_image_item
 from data.tokenizer import load_tokenizer
-from model.megatransformer_multimodal import load_multimodal
 from model.multimodal.generation import MediaSegment, TextSegment, generate_multimodal
-from training.checkpoints import resolve_checkpoint
+from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
 from model.image.pipeline import load_vae_checkpoint
+from model.pretrained import load_pretrained
 
 WM_META, TOKENIZER_DIR = "wm_meta.json", "tokenizer"
 
@@ -64,19 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_checkpoint_dir(args) -> Path:
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--run_dir {run_dir} does not exist: train one with pretrain_wm.py")
-        if args.checkpoint:
-            return Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run_dir / args.checkpoint
-        return resolve_checkpoint("latest", run_dir)
-    if not args.checkpoint:
-        raise ValueError("give --run_dir (its newest checkpoint) or --checkpoint")
-    return Path(args.checkpoint)
-
-
 def check_arguments(args) -> None:
     if not args.segments:
         raise ValueError("give at least one --prompt or --image")
@@ -105,7 +92,7 @@ def load_run(checkpoint: Path, vae_checkpoint: str | None, device: torch.device)
         raise ValueError(f"the VAE {vae_dir} is not the one {checkpoint} was trained with ({meta['vae_checkpoint']}): "
                          "pass that checkpoint as --vae_checkpoint")
     vae, _ = load_vae_checkpoint(vae_dir, device=device)
-    return load_multimodal(checkpoint, device=device), vae, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
+    return load_pretrained(checkpoint, device, family="multimodal"), vae, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
 
 
 @torch.no_grad()
@@ -123,7 +110,7 @@ def generate(args) -> tuple[list[str], list[Path]]:
     """Run the prompt; returns (generated texts, written image paths)."""
     check_arguments(args)
     device = choose_device(args.device)
-    model, vae, tokenizer, meta = load_run(resolve_checkpoint_dir(args), args.vae_checkpoint, device)
+    model, vae, tokenizer, meta = load_run(checkpoint_from_args(args, "pretrain_wm.py"), args.vae_checkpoint, device)
     config, scale = model.config, meta["media"]["image"]["latent_scale_factor"]
     prompt = [TextSegment([config.bos_token_id])]
     for kind, value in args.segments:

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import generate_image  # noqa: E402
+from training.checkpoints import checkpoint_from_args  # noqa: E402
 from data.builtin_shapes import PALETTE, ShapeSpec, draw_shape, shape_specs  # noqa: E402
 from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
@@ -194,7 +195,7 @@ def measure(args) -> dict:
         raise ValueError(f"--num_images must be at least 1, got {args.num_images}")
     if min(args.guidance_scales) < 0:
         raise ValueError(f"--guidance_scales must not be negative, got {args.guidance_scales}")
-    checkpoint = generate_image.resolve_checkpoint_dir(args)
+    checkpoint = checkpoint_from_args(args, "pretrain_image_diffusion.py")
     _, meta = load_diffusion_checkpoint(checkpoint)
     vae, _ = load_vae_checkpoint(meta["vae_checkpoint"], device=choose_device(args.device))
     output_dir = Path(args.output_dir or checkpoint.parent / "caption_fidelity")

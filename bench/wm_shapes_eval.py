@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import generate_wm  # noqa: E402
+from training.checkpoints import checkpoint_from_args  # noqa: E402
 from caption_fidelity import (COLOR_NAMES, classify_colors, prompt_specs, real_and_reconstructed_colors,  # noqa: E402
                               score)
 from data.builtin_shapes import PALETTE, SHAPES, draw_shape, shape_specs  # noqa: E402
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def measure(args) -> dict:
     device = choose_device(args.device)
-    checkpoint = generate_wm.resolve_checkpoint_dir(args)
+    checkpoint = checkpoint_from_args(args, "pretrain_wm.py")
     model, vae, tokenizer, meta = generate_wm.load_run(checkpoint, None, device)
     size, scale = meta["image_size"], meta["media"]["image"]["latent_scale_factor"]
 

@@ -88,14 +88,23 @@ def add_checkpoint_arguments(parser, trained_by: str) -> None:
 
 
 def checkpoint_from_args(args, trained_by: str) -> Path:
-    """The checkpoint named by --checkpoint, or the newest of --run_dir (FileNotFoundError when there is none)."""
-    if args.checkpoint:
-        return Path(args.checkpoint)
-    checkpoints = list_checkpoints(Path(args.run_dir))
-    if not checkpoints:
-        raise FileNotFoundError(f"no checkpoint-* directory in {args.run_dir}: train one with {trained_by} "
-                                "(its --runs_dir/--run_name), or pass --checkpoint DIR")
-    return checkpoints[-1]
+    """The checkpoint a script's --run_dir / --checkpoint name: --checkpoint DIR alone; the newest checkpoint of
+    --run_dir; or, given both, --checkpoint as a directory or as a checkpoint's name inside --run_dir.
+    FileNotFoundError / ValueError (naming `trained_by`, the script that writes such runs) when there is none."""
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise FileNotFoundError(f"--run_dir {run_dir} does not exist: train one with {trained_by}")
+        if args.checkpoint:
+            return Path(args.checkpoint) if Path(args.checkpoint).is_dir() else run_dir / args.checkpoint
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise FileNotFoundError(f"no checkpoint-* directory in {run_dir}: train one with {trained_by} "
+                                    "(its --runs_dir/--run_name), or pass --checkpoint DIR")
+        return checkpoints[-1]
+    if not args.checkpoint:
+        raise ValueError("give --run_dir (its newest checkpoint) or --checkpoint")
+    return Path(args.checkpoint)
 
 
 def save_checkpoint(run_dir: Path, step: int, engines: Engines, trainer_state: dict, keep: int) -> Path:
