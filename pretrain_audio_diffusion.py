@@ -10,6 +10,8 @@ in one process or under DeepSpeed.
         --vae_checkpoint runs/phrases_vae/checkpoint-XXX --vocoder_checkpoint runs/vocoder/checkpoint-XXX
     python generate_audio.py --run_dir runs/phrases_dit --prompt "red box seven" --speaker ref.wav \\
         --vocoder_checkpoint runs/vocoder/checkpoint-XXX --output out.wav
+(checkpoint-XXX: the step of the VAE and vocoder checkpoints that pretrain_audio_vae.py and pretrain_vocoder.py
+wrote, e.g. checkpoint-1000.)
 
 The caches come from preprocess_audio_diffusion_dataset.py. Without --vae_checkpoint the DiT denoises normalised
 log-mel frames (the cache's mel_mean and mel_std); with one (a pretrain_audio_vae.py checkpoint) it denoises the
@@ -30,7 +32,7 @@ import yaml
 
 from data.audio_diffusion_batches import check_speaker_embedding_dim, open_utterance_caches
 from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, build_audio_diffusion
-from model.audio.vae import load_audio_vae_checkpoint
+from model.audio.pipeline import load_audio_vae_checkpoint
 from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.audio_diffusion_task import build_audio_diffusion_task, describe_run, latent_scale_factor

@@ -16,11 +16,15 @@ from typing import Callable
 from torch import nn
 
 from megatransformer_utils import MegaTransformerConfig, YamlConfig
+from model.audio.diffusion import AudioDiffusionConfig, build_audio_diffusion
+from model.audio.vae import AudioVAEConfig, build_audio_vae
 from model.audio.vocoders.config import VocoderConfig
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from model.image.diffusion import ImageDiffusionConfig, build_image_diffusion
 from model.image.vae import ImageVAEConfig, build_image_vae
 from model.megatransformer_causal import MegaTransformerCausalLM
+from model.megatransformer_multimodal import MegaTransformerMultimodal
+from model.multimodal.config import MultimodalConfig
 from model.megatransformer_recurrent import MegaTransformerRecurrentLM
 
 
@@ -42,6 +46,9 @@ FAMILIES = {
                            unwrap=lambda module: module.vocoder),
     "image_vae": ModelFamily(ImageVAEConfig, build_image_vae),
     "image_diffusion": ModelFamily(ImageDiffusionConfig, build_image_diffusion),
+    "audio_vae": ModelFamily(AudioVAEConfig, build_audio_vae),
+    "audio_diffusion": ModelFamily(AudioDiffusionConfig, build_audio_diffusion),
+    "multimodal": ModelFamily(MultimodalConfig, MegaTransformerMultimodal),
 }
 
 
@@ -63,6 +70,10 @@ def family_of(values: dict) -> str:
         return values["model_family"]
     classes = {family.config_class for family in FAMILIES.values()}
     fitting = [cls for cls in classes if set(values) <= set(cls.field_names())]
+    # a class whose fields extend another's (the multimodal config extends the LM's) fits the other's files too:
+    # keep the narrowest, the class whose fields every other fitting class has
+    narrowest = [cls for cls in fitting if all(set(cls.field_names()) <= set(other.field_names()) for other in fitting)]
+    fitting = narrowest or fitting
     if len(fitting) != 1:
         which = "several config classes" if fitting else "no config class"
         raise ValueError(f"a config without model_family whose keys fit {which}: add model_family "
@@ -73,8 +84,9 @@ def family_of(values: dict) -> str:
 
 def select_family(config: MegaTransformerConfig) -> str:
     """The language-model family pretrain_wm.py trains for `config`: recurrent when its name contains `recurrent` or
-    it says `model_family: recurrent`, causal otherwise. This is the one place the rule lives: the multimodal
-    family extends it here (several modalities, or a non-text one → multimodal)."""
+    it says `model_family: recurrent`, causal otherwise. The multimodal rule comes first and works on the config's
+    name, since a multimodal YAML is not a MegaTransformerConfig: model/megatransformer_multimodal.py's
+    is_multimodal_config (several modalities, or a non-text one → multimodal), asked by pretrain_wm.py."""
     if config.model_family == "recurrent" or "recurrent" in (config.name or ""):
         return "recurrent"
     return "causal"

@@ -14,7 +14,8 @@ the causal stack of model/megatransformer_causal.py with every MegaTransformerCo
 MoE, norms, sliding window, gradient checkpointing).
 
 `lookup` names every YAML file in configs/multimodal/ (tiny, small, medium).
-Integration points (family table and loader): `build_multimodal`, `load_multimodal`, `is_multimodal_config`.
+A checkpoint loads with model.pretrained.load_pretrained (family "multimodal"); `is_multimodal_config` is
+pretrain_wm.py's rule for choosing this family by config name.
 """
 
 import dataclasses
@@ -30,8 +31,7 @@ from megatransformer_utils import CONFIG_DIR, _load_yaml, resolve_config_path
 from model.megatransformer_causal import count_parameters, init_weights
 from model.multimodal.config import MultimodalConfig
 from model.multimodal.media import build_media_codec, is_bidirectional, num_positions
-from model.multimodal.spans import MediaSpans, SpanKVCache
-from model.pretrained import load_weights
+from model.multimodal.spans import SpanKVCache
 from model.transformer.block import TransformerBlock
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.norms import make_norm
@@ -148,20 +148,6 @@ class MegaTransformerMultimodal(nn.Module):
 def build_multimodal(config: MultimodalConfig) -> MegaTransformerMultimodal:
     """A freshly initialised multimodal model."""
     return MegaTransformerMultimodal(config)
-
-
-def load_multimodal(directory, device: str | torch.device = "cpu",
-                    dtype: Optional[torch.dtype] = None) -> MegaTransformerMultimodal:
-    """The eval-mode model of a checkpoint directory (config.yaml + model.safetensors)."""
-    directory = Path(directory)
-    config_path, weights_path = directory / "config.yaml", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass a checkpoint directory of pretrain_wm.py with a "
-                                    "multimodal config (runs/RUN_NAME/checkpoint-STEP)")
-    model = build_multimodal(MultimodalConfig.from_yaml(config_path))
-    load_weights(model, weights_path, device)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def is_multimodal_config(name: str) -> bool:

@@ -7,6 +7,7 @@ it builds: model/families.py) beside `model.safetensors` (and `ema.safetensors` 
     save_pretrained(model, "runs/example")                                    # written atomically
 """
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from torch import nn
 
 from model.diffusion.ema import FILE_NAME as EMA_FILE
 from model.families import FAMILIES, family_of
+
+DIFFUSION_META = "diffusion_meta.json"  # a diffusion run's facts beside its weights (training/ema_state.py)
 
 
 def write_model_files(model: nn.Module, directory: Path) -> None:
@@ -106,3 +109,15 @@ def load_weights(model: nn.Module, weights_path: Path, device: str | torch.devic
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+
+
+def load_diffusion_checkpoint(checkpoint, family: str, use_ema: bool = True,
+                              device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The eval-mode, frozen denoiser of a `family` diffusion run's checkpoint (its EMA weights, or the trained
+    ones) and the run's diffusion_meta.json (what a sampler needs beside the weights: VAE, scales, encoders)."""
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / DIFFUSION_META).is_file():
+        raise FileNotFoundError(f"{checkpoint} has no {DIFFUSION_META}: pass a checkpoint directory written by "
+                                f"pretrain_{family}.py (runs/RUN_NAME/checkpoint-STEP)")
+    model = load_pretrained(checkpoint, device, family=family, ema=use_ema)
+    return model.requires_grad_(False), json.loads((checkpoint / DIFFUSION_META).read_text())

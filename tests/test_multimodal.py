@@ -32,7 +32,6 @@ def tiny_model(**overrides) -> MegaTransformerMultimodal:
 
 def one_image_batch(model, latents, text_before=(5, 6, 7), text_after=(8, 9, 10)):
     """[bos, text_before, BOI, 4 latent positions, EOI, text_after] with one clean image."""
-    config = model.config
     return prompt_tensors(model, [TextSegment([BOS, *text_before]), MediaSegment("image", latents),
                                   TextSegment(list(text_after))], torch.device("cpu"))
 

@@ -26,6 +26,7 @@ from data.cached_batches import CachedBatches, fixed_items
 from data.sharded_cache import ShardedCache
 from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, audio_diffusion_loss, generate_mel
 from model.diffusion import EMA
+from model.pretrained import DIFFUSION_META
 from training.audio_samples import mel_image
 from training.ema_state import EMAState
 from training.distributed import micro_batch_seed
@@ -77,7 +78,7 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
            for start in range(0, len(val_items), args.batch_size)]
     sample_items = val_items[:args.sample_clips]
     ema = EMA(model, decay=config.ema_decay).to(device)
-    state = EMAState(ema, run_meta, "diffusion_meta.json")
+    state = EMAState(ema, run_meta, DIFFUSION_META)
 
     def train_batch(i: int) -> dict:
         return {**train.batch(i), "index": torch.tensor(i)}

@@ -31,7 +31,8 @@ from data.latent_cache import collate_latents
 from data.sharded_cache import ShardedCache
 from model.diffusion import EMA, diffusion_loss
 from model.image.diffusion import ImageDiffusionConfig
-from model.image.pipeline import DIFFUSION_META, sample_grid
+from model.image.pipeline import sample_grid
+from model.pretrained import DIFFUSION_META
 from model.image.vae import ImageVAE
 from model.text_encoders import text_encoder_from_description
 from training.distributed import micro_batch_seed

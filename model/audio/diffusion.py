@@ -22,8 +22,6 @@ speaker (speaker_dropout; the learned null speaker replaces it). Sampling combin
 """
 
 import dataclasses
-import json
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -35,10 +33,8 @@ from model.diffusion.guidance import condition_dropout_mask
 from model.diffusion.objectives import add_noise, min_snr_weight, sample_noise_levels, training_target
 from model.diffusion.samplers import sample
 from model.diffusion.schedules import noise_schedule
-from model.pretrained import load_weights
 
 REPRESENTATIONS = ("mel", "latent")
-EMA_FILE, DIFFUSION_META = "ema.safetensors", "diffusion_meta.json"  # as pretrain_audio_diffusion.py writes them
 
 
 @dataclasses.dataclass
@@ -197,22 +193,6 @@ class GuidedAudioDenoiser:
         if self.speaker is not None:
             guided = guided + self.speaker_scale * (predictions[0] - text_only)
         return guided
-
-
-def load_audio_diffusion_checkpoint(checkpoint, use_ema: bool = True,
-                                    device: torch.device | str = "cpu") -> tuple[AudioDiT, dict]:
-    """The eval-mode DiT of a pretrain_audio_diffusion.py checkpoint (its EMA weights, or the trained ones) and the
-    checkpoint's diffusion_meta.json (representation, normalisation, VAE, encoders, frames per text token)."""
-    checkpoint = Path(checkpoint)
-    files = ("config.yaml", EMA_FILE if use_ema else "model.safetensors", DIFFUSION_META)
-    missing = [name for name in files if not (checkpoint / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{checkpoint} has no {', '.join(missing)}: pass a checkpoint directory written by "
-                                "pretrain_audio_diffusion.py (runs/RUN_NAME/checkpoint-STEP)")
-    model = build_audio_diffusion(AudioDiffusionConfig.from_yaml(checkpoint / "config.yaml"))
-    load_weights(model, checkpoint / files[1])
-    meta = json.loads((checkpoint / DIFFUSION_META).read_text())
-    return model.to(device).eval().requires_grad_(False), meta
 
 
 class FrameCodec:

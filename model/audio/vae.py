@@ -26,7 +26,6 @@ speaker_embedding_dim 0 builds an unconditioned decoder.
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -35,7 +34,6 @@ from torch import nn
 
 from megatransformer_utils import YamlConfig
 from model.image.vae import MidBlock, ResnetBlock, _group_norm
-from model.pretrained import load_weights
 from model.vae import RECONSTRUCTION_LOSSES, VAE, DiagonalGaussian
 
 
@@ -303,15 +301,3 @@ class AudioVAE(VAE):
                              f"(speaker_embedding_dim={dim} of config '{self.config.name}'): use the speaker encoder "
                              "the VAE was trained with, or set --speaker_embedding_dim to its width")
         return speaker
-
-
-def load_audio_vae_checkpoint(directory, device: torch.device | str = "cpu") -> AudioVAE:
-    """The eval-mode, frozen float32 VAE of a pretrain_audio_vae.py checkpoint (config.yaml, model.safetensors)."""
-    directory = Path(directory)
-    missing = [name for name in ("config.yaml", "model.safetensors") if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"audio VAE checkpoint {directory} has no {', '.join(missing)}: pass a checkpoint "
-                                "directory written by pretrain_audio_vae.py (runs/RUN_NAME/checkpoint-STEP)")
-    vae = build_audio_vae(AudioVAEConfig.from_yaml(directory / "config.yaml"))
-    load_weights(vae, directory / "model.safetensors")
-    return vae.to(device).eval().requires_grad_(False)

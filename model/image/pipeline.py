@@ -9,7 +9,6 @@ A checkpoint of pretrain_image_diffusion.py holds config.yaml, model.safetensors
 diffusion_meta.json: the VAE checkpoint, latent scale factor and text encoder the run used.
 """
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,8 +17,8 @@ from model.diffusion import sample
 from model.diffusion.dit import DiT
 from model.image.vae import ImageVAE, ImageVAEConfig
 from model.pretrained import load_pretrained
+from model.pretrained import load_diffusion_checkpoint as load_diffusion_run
 
-DIFFUSION_META = "diffusion_meta.json"
 SAMPLE_SEED = 0
 
 
@@ -53,12 +52,7 @@ def load_diffusion_checkpoint(checkpoint, use_ema: bool = True,
                               device: torch.device | str = "cpu") -> tuple[DiT, dict]:
     """The eval-mode DiT of a pretrain_image_diffusion.py checkpoint (its EMA weights, or the trained ones) and
     the checkpoint's diffusion_meta.json (VAE checkpoint, latent scale factor, text encoder)."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / DIFFUSION_META).is_file():
-        raise FileNotFoundError(f"{checkpoint} has no {DIFFUSION_META}: pass a checkpoint directory written by "
-                                "pretrain_image_diffusion.py (runs/RUN_NAME/checkpoint-STEP)")
-    model = load_pretrained(checkpoint, device, family="image_diffusion", ema=use_ema)
-    return model.requires_grad_(False), json.loads((checkpoint / DIFFUSION_META).read_text())
+    return load_diffusion_run(checkpoint, "image_diffusion", use_ema, device)
 
 
 def sample_grid(model, vae: ImageVAE, text_emb: torch.Tensor, text_mask: torch.Tensor, scale_factor: float,
