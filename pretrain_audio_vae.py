@@ -7,6 +7,7 @@ utterances, in one process or under DeepSpeed.
     python pretrain_audio_vae.py --run_name phrases_vae --config small \\
         --train_cache_dir cached_datasets/phrases_train_diffusion_cached \\
         --val_cache_dir cached_datasets/phrases_val_diffusion_cached --vocoder_checkpoint runs/vocoder/checkpoint-XXX
+(checkpoint-XXX: the step of the vocoder checkpoint that pretrain_vocoder.py wrote, e.g. checkpoint-1000.)
     deepspeed --num_gpus=2 pretrain_audio_vae.py --use_deepspeed --bf16 --run_name audio_vae_run ...
 
 The caches come from preprocess_audio_diffusion_dataset.py. --config names configs/audio_vae/*.yaml (or a YAML
