@@ -26,7 +26,7 @@ from data.multimodal_batches import IMAGE_FIRST, SequenceLayout, collate_multimo
 from data.sharded_cache import ShardedCache
 from data.tokenizer import load_tokenizer
 from model.megatransformer_multimodal import MultimodalConfig, build_multimodal, resolve_multimodal_config
-from model.multimodal.generation import caption_media, text_to_image
+from model.multimodal.generation import caption_media, text_to_media
 from model.multimodal.loss import multimodal_loss
 from model.multimodal.media import num_positions
 from training.arguments import check_arguments
@@ -220,7 +220,7 @@ def build_multimodal_task(model, config: MultimodalConfig, train_cache: ShardedC
             images = []
             for ids in prompt_ids:
                 generator = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
-                latents = text_to_image(eval_model, ids, guidance_scale=guidance_scale, steps=args.sample_steps,
+                latents = text_to_media(eval_model, ids, guidance_scale=guidance_scale, steps=args.sample_steps,
                                         generator=generator)
                 images.append(vae.decode(latents[None] / scales["image"]).float().clamp(-1, 1)[0])
             rows.append(torch.cat(images, dim=-1))
