@@ -174,15 +174,29 @@ class ClipCodec:
         """frames as for mel → the waveform (S,) float32 in [-1, 1] on the CPU."""
         return self.vocoder(self.mel(frames, speaker)[None])[0][0].float().clamp(-1, 1).cpu()
 
-    def read(self, path) -> tuple[torch.Tensor, torch.Tensor]:
-        """A recording → (frames (channels, frames) scaled as in training, speaker embedding (D,)), on the device.
-        ValueError when it cannot be read or is longer than the clips the model takes."""
+    def _load(self, path) -> torch.Tensor:
+        """A recording → its waveform (S,) at the features' rate, mixed to mono (ValueError when unreadable)."""
         try:
             waveform, rate = decode_record(AudioRecord(source_id=str(path), path=str(path)))
         except AudioDecodeError as error:
             raise ValueError(f"{path}: {error}: give a wav/flac/ogg recording") from error
         if rate != self.sample_rate:
             waveform = torchaudio.functional.resample(waveform, rate, self.sample_rate)
+        return waveform
+
+    def _embed_speaker(self, waveform: torch.Tensor) -> torch.Tensor:
+        if self.speaker_encoder is None:
+            self.speaker_encoder = speaker_encoder_from_description(self.meta["speaker_encoder"], self.device)
+        return self.speaker_encoder.embed([waveform], self.sample_rate)[0].float().to(self.device)
+
+    def read_speaker(self, path) -> torch.Tensor:
+        """A recording of a voice → its speaker embedding (D,) by the recorded speaker encoder, on the device."""
+        return self._embed_speaker(self._load(path))
+
+    def read(self, path) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recording → (frames (channels, frames) scaled as in training, speaker embedding (D,)), on the device.
+        ValueError when it cannot be read or is longer than the clips the model takes."""
+        waveform = self._load(path)
         mel = log_mel(waveform, self.features)
         limit = self.meta["mel_frames"]
         if mel.shape[-1] > limit:
@@ -190,7 +204,4 @@ class ClipCodec:
                              f"{limit * self.features.hop_length / self.sample_rate:.2f} s clips the model was trained "
                              "on: cut it")
         frames = encode_clip(self.codec, mel, limit, self.meta["silence"]) * self.meta["latent_scale_factor"]
-        if self.speaker_encoder is None:
-            self.speaker_encoder = speaker_encoder_from_description(self.meta["speaker_encoder"], self.device)
-        speaker = self.speaker_encoder.embed([waveform], self.sample_rate)[0]
-        return frames.to(self.device), speaker.float().to(self.device)
+        return frames.to(self.device), self._embed_speaker(waveform)
