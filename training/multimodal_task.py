@@ -219,20 +219,21 @@ def _image_samples(eval_model, vae, tokenizer, caption_items, prompt_ids, scale,
             "samples/layout": layout_text}
 
 
-def _audio_samples(eval_model, codec: ClipCodec, tokenizer, clips, speech_prompts, args, device) -> dict:
-    """Transcripts of fixed validation clips, and each speech prompt spoken in the voice of a validation clip
-    (at the largest of --sample_guidance_scales). Nothing without validation clips."""
-    if not clips:
+def _audio_samples(eval_model, codec: ClipCodec, tokenizer, transcribed, voices, speech_prompts, args,
+                   device) -> dict:
+    """Transcripts of the validation clips `transcribed`, and each speech prompt spoken in the voice of one of the
+    validation clips `voices` (at the largest of --sample_guidance_scales). Nothing without validation clips."""
+    if not voices:
         return {}
     scale = codec.meta["latent_scale_factor"]
     lines = []
-    for item in clips:
+    for item in transcribed:
         frames = item["audio_latent_mean"].float().to(device) * scale
         heard = caption_media(eval_model, frames, "audio", condition=item["audio_condition"].to(device))
         lines.append(f"**{item['caption']}** → {tokenizer.decode(heard, skip_special_tokens=True)}")
     logged = {"samples/transcripts": "\n\n".join(lines)}
     for index, prompt in enumerate(speech_prompts):
-        speaker = clips[index % len(clips)]["audio_condition"].to(device)
+        speaker = voices[index % len(voices)]["audio_condition"].to(device)
         generator = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
         frames = text_to_media(eval_model, tokenizer(prompt, add_special_tokens=False)["input_ids"], "audio",
                                guidance_scale=max(args.sample_guidance_scales), steps=args.sample_steps,
@@ -268,7 +269,7 @@ def build_multimodal_task(model, config: MultimodalConfig, train_cache: ShardedC
            for start in range(0, len(val_items), args.batch_size)]
     caption_items = first_media_first("image", args.sample_captions) if vae is not None else []
     prompt_ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in args.sample_image_prompts]
-    clips = first_media_first("audio", max(args.sample_transcripts, 1)) if clip_codec is not None else []
+    clips = first_media_first("audio", max(args.sample_transcripts, 2)) if clip_codec is not None else []
     speech_prompts = args.sample_speech_prompts or [item["caption"] for item in clips[:2]]
     meta = train_cache.meta
     state = WMState({"made_by": "pretrain_wm.py",
@@ -314,8 +315,8 @@ def build_multimodal_task(model, config: MultimodalConfig, train_cache: ShardedC
             logged.update(_image_samples(eval_model, vae, tokenizer, caption_items, prompt_ids, scales["image"], args,
                                          device))
         if clip_codec is not None:
-            logged.update(_audio_samples(eval_model, clip_codec, tokenizer, clips[:args.sample_transcripts] or
-                                         clips, speech_prompts, args, device))
+            logged.update(_audio_samples(eval_model, clip_codec, tokenizer, clips[:args.sample_transcripts], clips,
+                                         speech_prompts, args, device))
         eval_model.train(was_training)
         return logged
 
