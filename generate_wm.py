@@ -96,9 +96,10 @@ def check_arguments(args) -> None:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
 
 
-def load_run(checkpoint: Path, args, device: torch.device):
+def load_run(checkpoint: Path, device: torch.device, vae_checkpoint=None, audio_vae_checkpoint=None,
+             vocoder_checkpoint=None):
     """(model, image VAE or None, ClipCodec or None, tokenizer, wm_meta) of a checkpoint; a VAE with other weights
-    than the run's is refused."""
+    than the run's is refused. The checkpoint arguments: where the run's VAEs have moved, and a vocoder."""
     meta_path = checkpoint / WM_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no {WM_META}: pass a checkpoint of pretrain_wm.py with a multimodal "
@@ -107,7 +108,7 @@ def load_run(checkpoint: Path, args, device: torch.device):
     model = load_pretrained(checkpoint, device, family="multimodal")
     vae = codec = None
     if "image" in model.config.media:
-        vae_dir = Path(args.vae_checkpoint or meta["vae_checkpoint"])
+        vae_dir = Path(vae_checkpoint or meta["vae_checkpoint"])
         if not (vae_dir / "model.safetensors").is_file():
             raise FileNotFoundError(f"the run's VAE checkpoint {vae_dir} is gone: pass --vae_checkpoint its new place")
         if checkpoint_fingerprint(vae_dir) != meta["vae_fingerprint"]:
@@ -115,7 +116,7 @@ def load_run(checkpoint: Path, args, device: torch.device):
                              f"({meta['vae_checkpoint']}): pass that checkpoint as --vae_checkpoint")
         vae, _ = load_vae_checkpoint(vae_dir, device=device)
     if "audio" in model.config.media:
-        codec = ClipCodec(meta["media"]["audio"], device, args.audio_vae_checkpoint, args.vocoder_checkpoint)
+        codec = ClipCodec(meta["media"]["audio"], device, audio_vae_checkpoint, vocoder_checkpoint)
     return model, vae, codec, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
 
 
@@ -169,7 +170,9 @@ def generate(args) -> tuple[list[str], list[Path]]:
     """Run the prompt; returns (generated texts, written image and wav paths)."""
     check_arguments(args)
     device = choose_device(args.device)
-    model, vae, codec, tokenizer, meta = load_run(checkpoint_from_args(args, "pretrain_wm.py"), args, device)
+    model, vae, codec, tokenizer, meta = load_run(checkpoint_from_args(args, "pretrain_wm.py"), device,
+                                                  args.vae_checkpoint, args.audio_vae_checkpoint,
+                                                  args.vocoder_checkpoint)
     prompt, conditions, ends_with_text = build_prompt(args, model, vae, codec, tokenizer, meta, device)
     output_dir = Path(args.output_dir)
     texts, written = [], []

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args) -> dict:
     device = choose_device(args.device)
     checkpoint = checkpoint_from_args(args, "pretrain_wm.py")
-    model, vae, tokenizer, meta = generate_wm.load_run(checkpoint, None, device)
+    model, vae, _, tokenizer, meta = generate_wm.load_run(checkpoint, device)
     size, scale = meta["image_size"], meta["media"]["image"]["latent_scale_factor"]
 
     specs = [spec for _, spec in zip(range(args.captions), (spec for _, spec in shape_specs("validation")))]
