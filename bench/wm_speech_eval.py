@@ -9,7 +9,8 @@ begin-audio clip end-audio, the clip's speaker embedding on its span) and scored
 transcripts. The blind baseline answers every clip with the most common transcript of the run's training cache (a
 text-only model's best constant guess).
 
-Text-to-speech: the transcripts of the first --prompts validation clips, each spoken in the voice of its clip
+Text-to-speech: the transcripts of --prompts validation clips (taken from each speaker in turn), each spoken in
+the voice of its clip
 (prompt [bos] transcript begin-audio, the clip's speaker embedding, seed fixed per prompt) at --guidance_scale, and
 the real clip decoded through the same audio VAE and vocoder (the ceiling a judge compares against), written to
 OUTPUT_DIR/tts/NNN-SPEAKER.wav and OUTPUT_DIR/real/NNN-SPEAKER.wav with OUTPUT_DIR/prompts.tsv (index, speaker,
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def by_speaker_in_turn(clips: list[dict]) -> list[dict]:
+    """The clips reordered to take the first of each speaker, then the second of each, and so on."""
+    queues = {}
+    for item in clips:
+        queues.setdefault(item["speaker"], []).append(item)
+    longest = max(len(queue) for queue in queues.values())
+    return [queue[rank] for rank in range(longest) for queue in queues.values() if rank < len(queue)]
+
+
 def spoken_items(cache: ShardedCache, count: int) -> list[dict]:
     """The first `count` clips of a cache (each once: its media-first item)."""
     found = []
@@ -95,6 +105,7 @@ def measure(args) -> dict:
         raise ValueError(f"{checkpoint} models no audio: pass a run trained with speech")
     scale = meta["media"]["audio"]["latent_scale_factor"]
     clips = spoken_items(ShardedCache(args.val_data_dir), max(args.clips, args.prompts))
+    voices = by_speaker_in_turn(clips)
 
     truths, heard = [], []
     for item in clips[:args.clips]:
@@ -111,7 +122,7 @@ def measure(args) -> dict:
     for folder in ("tts", "real"):
         (output_dir / folder).mkdir(parents=True, exist_ok=True)
     rows = []
-    for index, item in enumerate(clips[:args.prompts]):
+    for index, item in enumerate(voices[:args.prompts]):
         speaker = item["audio_condition"].float().to(device)
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + index)
         frames = text_to_media(model, tokenizer(item["caption"], add_special_tokens=False)["input_ids"], "audio",

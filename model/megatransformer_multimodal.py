@@ -2,8 +2,10 @@
 sequence, next-token prediction on text and diffusion on media.
 
     model = MegaTransformerMultimodal(MultimodalConfig.from_name("tiny"))
-    spans = {"image": MediaSpans(noisy_latents, timesteps, rows, starts)}
-    out = model(input_ids, media=spans)          # out.logits (B, T, total_vocab), out.media["image"] (M, C, h, w)
+    spans = {"image": MediaSpans(noisy_latents, timesteps, rows, starts),
+             "audio": MediaSpans(noisy_frames, timesteps, rows, starts, speaker_embeddings)}
+    out = model(input_ids, media=spans)          # out.logits (B, T, total_vocab), out.media["image"] (M, C, h, w),
+                                                 # out.media["audio"] (M, channels, frames)
     loss, logs = multimodal_loss(model, batch)   # model/multimodal/loss.py
     segments = generate_multimodal(model, [TextSegment(ids)], ...)   # model/multimodal/generation.py
 
@@ -18,7 +20,7 @@ evaluation runs a fixed depth (num_steps) or the config's exit criterion.
 
     out = model(input_ids, media=spans, num_steps=8)     # a recurrent backbone at depth 8
 
-`lookup` names every YAML file in configs/multimodal/ (tiny, small, medium).
+`lookup` names every YAML file in configs/multimodal/ (tiny, tiny_recurrent, small, medium).
 A checkpoint loads with model.pretrained.load_pretrained (family "multimodal"); `is_multimodal_config` is
 pretrain_wm.py's rule for choosing this family by config name.
 """

@@ -11,7 +11,9 @@ from a Poisson–log-normal distribution seeded by (depth_seed, step), so every 
 backpropagates through the last `recurrent_backprop_depth` iterations only. Core layer j at iteration i
 caches its keys and values under (layer index of j, i).
 
-`lookup` maps the name of every YAML file in configs/recurrent/ to its config, parsed when looked up.
+The backbone itself (prelude, adapter, core, coda, depth sampling, exit) is the RecurrentDepth mixin, which the
+multimodal world model uses too (backbone: recurrent). `lookup` maps the name of every YAML file in
+configs/recurrent/ to its config, parsed when looked up.
 """
 
 from dataclasses import dataclass, replace

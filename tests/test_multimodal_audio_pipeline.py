@@ -93,6 +93,15 @@ def test_the_cache_holds_clips_in_both_orders_and_records_every_encoder(work):
     mel = ShardedCache(work / "mel")
     assert code == 0 and len(mel) == 4 and mel.meta["media"]["audio"]["latent_shape"][0] == 80
     assert "image" not in mel.meta["media"] and mel.meta["media"]["audio"]["vae_checkpoint"] is None
+    # and back: the codec of generate_wm.py turns the (scaled) frames into the utterance's log-mel, then silence
+    meta = mel.meta["media"]["audio"]
+    spoken = ShardedCache(work / "utterances_validation")[0]
+    frames = mel[0]["audio_latent_mean"].float() * meta["latent_scale_factor"]
+    restored = ClipCodec(meta, "cpu").mel(frames, None)
+    frames_of_speech = spoken["mel"].shape[-1]
+    assert restored.shape == (80, meta["mel_frames"])
+    torch.testing.assert_close(restored[:, :frames_of_speech], spoken["mel"].float(), atol=0.02, rtol=0.0)
+    assert torch.allclose(restored[:, frames_of_speech:], torch.full((1,), meta["silence"]), atol=0.02)
 
 
 def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
