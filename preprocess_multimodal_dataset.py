@@ -218,6 +218,8 @@ def write_multimodal_cache(args) -> dict:
 def _audio_clips(args, device: torch.device) -> AudioClips:
     if args.max_clips is not None and args.max_clips < 1:
         raise ValueError(f"--max_clips must be at least 1, got {args.max_clips}")
+    if args.audio_representation == "mel" and args.audio_vae_checkpoint:
+        raise ValueError("--audio_vae_checkpoint is for --audio_representation latent; log-mel frames need no VAE")
     cache = open_audio_cache(args.audio_cache_dir)
     vae = None
     if args.audio_representation == "latent" and args.audio_vae_checkpoint:

@@ -81,6 +81,10 @@ class AudioClips:
         if vae is not None and vae.config.n_mels != self.features["n_mels"]:
             raise ValueError(f"the audio VAE takes {vae.config.n_mels} mel bands but {cache.directory} holds "
                              f"{self.features['n_mels']}: use a VAE trained on this cache's features")
+        if vae is not None and vae.config.speaker_embedding_dim not in (0, meta["speaker_embedding_dim"]):
+            raise ValueError(f"the audio VAE decodes with {vae.config.speaker_embedding_dim}-dim speaker embeddings "
+                             f"but {cache.directory} holds {meta['speaker_embedding_dim']}-dim ones "
+                             f"({meta['speaker_encoder']['name']}): use a VAE trained with this cache's speaker encoder")
         self.codec = FrameCodec(representation, meta["mel_mean"], meta["mel_std"], vae)
         step = self.codec.frames_per_step * frames_multiple
         self.mel_frames = -(-(mel_frames or meta["max_frames"]) // step) * step

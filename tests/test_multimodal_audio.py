@@ -167,6 +167,8 @@ def test_the_backbone_switch():
     ids = torch.tensor([[BOS, 5, 6]])
     with pytest.raises(ValueError, match="needs a recurrent backbone"):
         causal(ids, num_steps=2)
+    with pytest.raises(ValueError, match="needs a recurrent backbone"):
+        generate_multimodal(causal, [TextSegment([BOS])], max_new_tokens=1, num_steps=2)
     with pytest.raises(ValueError, match="config key 'backbone'"):
         MultimodalConfig(hidden_size=32, n_heads=4, backbone="sideways")
 

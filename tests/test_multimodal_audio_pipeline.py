@@ -170,6 +170,9 @@ def test_audio_input_that_does_not_fit_is_refused(work, capsys):
     assert "is not an utterance cache" in error_of(main, [
         "--audio_cache_dir", work / "train", "--audio_representation", "mel", "--tokenizer",
         work / "train" / "tokenizer", "--output_dir", work / "not_utterances"], capsys)
+    assert "log-mel frames need no VAE" in error_of(main, [
+        "--audio_cache_dir", work / "utterances_validation", "--audio_representation", "mel", "--audio_vae_checkpoint",
+        work / "audio_vae", "--tokenizer", work / "train" / "tokenizer", "--output_dir", work / "mel_and_vae"], capsys)
     assert "give --vae_checkpoint" in error_of(main, ["--tokenizer", work / "train" / "tokenizer", "--output_dir",
                                                       work / "nothing"], capsys)
     assert "no clip of" in error_of(main, [*interleaved(work, "validation", "too_short", "--audio_frames", 8,

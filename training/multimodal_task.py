@@ -332,11 +332,12 @@ def prepare_multimodal(args):
     """pretrain_wm.py's prepare() for a multimodal config: (build_task(context), report(summary))."""
     args.sample_image_prompts = args.sample_image_prompts or list(DEFAULT_IMAGE_PROMPTS)
     check_arguments(args)
-    for name in ("sample_steps",):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.sample_transcripts < 0 or min(args.eval_thinking_steps) < 1:
-        raise ValueError("--sample_transcripts must not be negative and --eval_thinking_steps must be at least 1")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise ValueError(f"--sample_steps must be at least 1, got {args.sample_steps}")
+    if args.sample_transcripts < 0:
+        raise ValueError(f"--sample_transcripts must not be negative, got {args.sample_transcripts}")
+    if min(args.eval_thinking_steps) < 1:
+        raise ValueError(f"--eval_thinking_steps must be at least 1, got {min(args.eval_thinking_steps)}")
     train_cache, val_cache = open_multimodal_caches(args.train_data_dir, args.val_data_dir)
     config = resolve_config(args.config, args.set, train_cache)
     longest = 4 + train_cache.meta["longest_caption_tokens"] + max(

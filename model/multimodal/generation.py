@@ -4,7 +4,6 @@ the end token, and text again.
 
     segments = generate_multimodal(model, [TextSegment([bos] + caption_ids + [begin_image])], guidance_scale=3.0)
     segments = generate_multimodal(model, [TextSegment([bos]), MediaSegment("image", latents)])  # a caption
-
     segments = generate_multimodal(model, [TextSegment([bos]), MediaSegment("audio", frames, speaker)])  # transcript
     frames = text_to_media(model, prompt_ids, "audio", condition=speaker)       # speech in a reference voice
 
@@ -12,10 +11,10 @@ One sequence at a time. A prompt is a list of segments: TextSegment (token ids) 
 of one span, e.g. (C, h, w), and its conditioning vector, e.g. a speaker embedding), which the prompt brackets
 with the kind's begin and end tokens. Spans the model generates take their conditioning vector from
 `conditions` (kind → (D,)). A recurrent backbone runs at depth num_steps (default its
-recurrent_mean_thinking_steps). A prompt that ends
-with a begin token starts with that span. Each denoising step runs the span's positions against the cached
-prefix and is then rolled back; classifier-free guidance runs the unconditional branch over the prefix that
-training used for a dropped caption ([bos, begin]). The result is the generated part only, as segments.
+recurrent_mean_thinking_steps). A prompt that ends with a begin token starts with that span. Each denoising step
+runs the span's positions against the cached prefix and is then rolled back; classifier-free guidance runs the
+unconditional branch over the prefix that training used for a dropped caption ([bos, begin]) (with the span's own
+conditioning vector in both branches). The result is the generated part only, as segments.
 """
 
 from dataclasses import dataclass
@@ -161,6 +160,9 @@ def generate_multimodal(model, prompt: list, max_new_tokens: int = 64, do_sample
     guidance_scale = config.guidance_scale if guidance_scale is None else guidance_scale
     eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
     conditions = conditions or {}
+    if num_steps is not None and config.backbone != "recurrent":
+        raise ValueError(f"num_steps={num_steps} needs a recurrent backbone, but config '{config.name}' has "
+                         "backbone: causal")
     was_training = model.training
     model.eval()
     if config.backbone == "recurrent":
