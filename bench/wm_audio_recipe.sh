@@ -83,7 +83,8 @@ if [[ -z "${IMAGE_VAE_CHECKPOINT:-}" ]]; then
     stage "image VAE (${IMAGE_VAE_STEPS} steps, the settings of bench/wm_recipe.sh)" \
         $PYTHON pretrain_image_vae.py --run_name "${NAME}_image_vae" --config tiny \
             --set "block_out_channels=[32, 64, 64]" --set latent_channels=8 --set reconstruction_loss=l1+mse \
-            --batch_size 32 --learning_rate 1e-3 --max_steps "$IMAGE_VAE_STEPS" --train_data_dir "${DATA}_images_train" \
+            --batch_size 32 --learning_rate 1e-3 --max_steps "$IMAGE_VAE_STEPS" \
+            --train_data_dir "${DATA}_images_train" \
             --val_data_dir "${DATA}_images_val" --eval_steps "$IMAGE_VAE_STEPS" --eval_batches 8 \
             --save_steps "$IMAGE_VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
 fi

@@ -150,7 +150,8 @@ def main(argv=None) -> int:
         return 1
     output_dir = Path(report["output_dir"])
     (output_dir / "wm_speech_eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nrecognition of {report['recognition']['clips']} validation clips ({report['checkpoint']}): word error rate")
+    print(f"\nrecognition of {report['recognition']['clips']} validation clips ({report['checkpoint']}): "
+          "word error rate")
     for name, value in report["recognition"]["wer"].items():
         print(f"  {name:<70} {value:>7.1%}")
     for truth, text in report["recognition"]["examples"]:

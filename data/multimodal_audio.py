@@ -84,7 +84,8 @@ class AudioClips:
         if vae is not None and vae.config.speaker_embedding_dim not in (0, meta["speaker_embedding_dim"]):
             raise ValueError(f"the audio VAE decodes with {vae.config.speaker_embedding_dim}-dim speaker embeddings "
                              f"but {cache.directory} holds {meta['speaker_embedding_dim']}-dim ones "
-                             f"({meta['speaker_encoder']['name']}): use a VAE trained with this cache's speaker encoder")
+                             f"({meta['speaker_encoder']['name']}): use a VAE trained with this cache's speaker "
+                             "encoder")
         self.codec = FrameCodec(representation, meta["mel_mean"], meta["mel_std"], vae)
         step = self.codec.frames_per_step * frames_multiple
         self.mel_frames = -(-(mel_frames or meta["max_frames"]) // step) * step

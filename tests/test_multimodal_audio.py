@@ -16,7 +16,7 @@ BOS, EOS = 1, 2
 
 def tiny_model(backbone: str = "causal", **audio) -> MegaTransformerMultimodal:
     torch.manual_seed(0)
-    recurrent = dict(n_prelude_layers=1, n_recurrent_layers=1, n_coda_layers=1, recurrent_mean_thinking_steps=3,  # noqa: E501
+    recurrent = dict(n_prelude_layers=1, n_recurrent_layers=1, n_coda_layers=1, recurrent_mean_thinking_steps=3,
                      recurrent_backprop_depth=2, recurrent_init_state="zero") if backbone == "recurrent" else {}
     config = MultimodalConfig(vocab_size=40, max_position_embeddings=128, hidden_size=32, n_layers=2, n_heads=4,
                               n_query_groups=2, intermediate_size=64, media={"image": dict(IMAGE),

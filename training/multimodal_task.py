@@ -295,7 +295,8 @@ def build_multimodal_task(model, config: MultimodalConfig, train_cache: ShardedC
         def measure(eval_model, batch: dict) -> dict:
             generator = torch.Generator(device=device).manual_seed(EVAL_SEED + 1_000_003 + int(batch["index"]))
             value, logs = multimodal_loss(eval_model, config, batch, generator, num_steps)
-            return {"loss": value, **{name: logs[name] for name in logs if name.endswith("_loss") and name != "aux_loss"}}
+            terms = {name: logs[name] for name in logs if name.endswith("_loss") and name != "aux_loss"}
+            return {"loss": value, **terms}
         return measure
 
     def evaluate(eval_model) -> dict:
