@@ -9,6 +9,7 @@
 #   bench/wm_audio_recipe.sh                          # runs/wm_audio*, cached_datasets/wm_audio_*
 #   BACKBONE=recurrent WM_RUN=wm_audio_recurrent bench/wm_audio_recipe.sh      # the recurrent core
 #   AUDIO_REPRESENTATION=mel bench/wm_audio_recipe.sh                         # log-mel frames, no audio VAE
+#   WM_CONFIG=my_wm.yaml WM_RUN=wm_audio_mine bench/wm_audio_recipe.sh          # another world-model config
 #   AUDIO_VAE_CHECKPOINT=runs/phrases_vae/checkpoint-2000 VOCODER_CHECKPOINT=runs/phrases_vocoder/checkpoint-3000 \
 #       IMAGE_VAE_CHECKPOINT=runs/shapes_wm_vae/checkpoint-1800 bench/wm_audio_recipe.sh   # reuse trained parts
 #   DRY_RUN=1 bench/wm_audio_recipe.sh                # a few steps per stage, to check the plumbing
@@ -37,8 +38,9 @@ WM_RUN=${WM_RUN:-${NAME}}
 BACKBONE=${BACKBONE:-causal}
 AUDIO_REPRESENTATION=${AUDIO_REPRESENTATION:-latent}
 AUDIO_FRAMES=${AUDIO_FRAMES:-192}  # mel frames per clip (3.1 s at 16 kHz, hop 256); longer utterances are skipped
-CONFIG=multimodal/tiny
-[[ "$BACKBONE" == recurrent ]] && CONFIG=multimodal/tiny_recurrent
+DEFAULT_CONFIG=multimodal/tiny
+[[ "$BACKBONE" == recurrent ]] && DEFAULT_CONFIG=multimodal/tiny_recurrent
+CONFIG=${WM_CONFIG:-$DEFAULT_CONFIG}  # a name or a YAML path (e.g. a plain stack matched to the recurrent core's compute)
 OFFLINE=(--text_encoder builtin:words --speaker_encoder resemblyzer --overwrite)
 VOCODER_FLAGS=()
 [[ -n "${VOCODER_CHECKPOINT:-}" ]] && VOCODER_FLAGS=(--vocoder_checkpoint "$VOCODER_CHECKPOINT")
