@@ -99,7 +99,7 @@ class OracleHead(nn.Module):
         super().__init__()
         self.spec = spec
 
-    def forward(self, hidden):
+    def forward(self, hidden, log_magnitude_prior=None):
         return torch.log(self.spec.abs().clamp(min=1e-12)), self.spec.real, self.spec.imag
 
 
@@ -178,14 +178,15 @@ def test_log_magnitude_is_bounded():
 def test_magnitude_prior_starts_the_magnitude_at_the_mels_least_squares_inverse(name):
     """With magnitude_prior the untrained vocoder's log-magnitude is the (bounded) log of magnitude_from_mel; the
     head then learns a correction: after one gradient step the magnitude moves off the prior."""
-    config = VocoderConfig.from_name(name).with_overrides(["magnitude_prior=true"])
+    config = VocoderConfig.from_name(name)
+    assert config.magnitude_prior  # every named config uses it
     vocoder = build_vocoder(config)
     clip = speech_like(0.25)
     mel = log_mel(clip, config.features)
     prior = torch.log(magnitude_from_mel(mel, config.features))
     bound = config.max_log_magnitude
     torch.testing.assert_close(vocoder.predict(mel).log_magnitude, bound - F.softplus(bound - prior))
-    plain = build_vocoder(VocoderConfig.from_name(name))
+    plain = build_vocoder(config.with_overrides(["magnitude_prior=false"]))
     assert (plain.predict(mel).log_magnitude - prior).abs().mean() > 1.0  # without the prior it starts elsewhere
     model = VocoderWithLoss(vocoder)
     model(mel, clip).losses["total"].backward()
