@@ -20,7 +20,7 @@ SIZE=${SIZE:-tiny}
 TRAIN_VOICES=en-us,en-gb,en-gb-scotland,en-gb-x-rp,en-029,en-us+f3,en+f2,en-gb-x-rp+f4,en-us+m3,en-029+f1,kal16,awb,slt
 HELD_OUT_VOICES=en-us-nyc,en-gb-scotland+f3,rms
 case "$SIZE" in
-    tiny) CONFIG=tiny_lightheaded_freq_domain_vocoder STEPS=${STEPS:-6000} BATCH=${BATCH:-8} LR=${LR:-2e-3} ;;
+    tiny) CONFIG=tiny_freq_domain_vocoder STEPS=${STEPS:-5000} BATCH=${BATCH:-8} LR=${LR:-2e-3} ;;
     small) CONFIG=small_freq_domain_vocoder STEPS=${STEPS:-6000} BATCH=${BATCH:-8} LR=${LR:-1e-3} ;;
     *) echo "SIZE must be tiny or small, got $SIZE" >&2; exit 2 ;;
 esac

@@ -31,7 +31,7 @@ def speech_like(seconds: float = 0.5, sample_rate: int = 16000, seed: int = 0) -
 
 
 def test_registry_has_the_named_configs_and_each_loads_its_type():
-    assert {"tiny_lightheaded_freq_domain_vocoder", "tiny_splitband_freq_domain_vocoder",
+    assert {"tiny_freq_domain_vocoder", "tiny_lightheaded_freq_domain_vocoder", "tiny_splitband_freq_domain_vocoder",
             "small_freq_domain_vocoder"} <= set(NAMES)
     classes = {"freq_domain": FrequencyDomainVocoder, "lightheaded": LightHeadedFrequencyDomainVocoder,
                "splitband": SplitBandFrequencyDomainVocoder}
