@@ -94,7 +94,10 @@ class _StaticCacheDecoder:
         slots = torch.arange(self.used, self.used + T, device=input_ids.device)
         self.key_mask[:, self.used:self.used + T] = token_mask
         self.used += T
-        position_ids = position_ids_from_mask(self.key_mask[:, :self.used])[:, -T:].contiguous()  # fixed strides
+        # a fresh tensor with standard strides: .contiguous() would keep the slice's strides for a (1, 1) slice, and
+        # strides that change every step make the compiled step recompile every step
+        position_ids = position_ids_from_mask(self.key_mask[:, :self.used])[:, -T:].clone(
+            memory_format=torch.contiguous_format)
         if self.compiled is not None and T == 1:
             return self.compiled(self.model, input_ids, position_ids, self.key_mask, slots, self.cache)
         return self.model.decode_step(input_ids, position_ids, self.key_mask, slots, self.cache)
