@@ -14,12 +14,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatransformer_utils import ConfigRegistry, MegaTransformerConfig
 from model.generation import generate
 from model.transformer.attention import KVCache
-from model.transformer.block import TransformerBlock
+from model.transformer.block import TransformerBlock, run_blocks
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.moe import MixtureOfExperts
 from model.transformer.static_cache import StaticKVCache
@@ -110,14 +109,8 @@ class MegaTransformerCausalLM(nn.Module):
         x, attention_inputs = self.embedding(input_ids, attention_mask, position_ids, past_length)
         token_mask = attention_mask[:, past_length:] if attention_mask is not None else None
 
-        moe_terms = []
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, aux = checkpoint(block, x, attention_inputs, cache, token_mask, use_reentrant=False)
-            else:
-                x, aux = block(x, attention_inputs, cache, token_mask)
-            if aux is not None:
-                moe_terms.append(aux)
+        x, moe_terms = run_blocks(self.blocks, x, attention_inputs, cache, token_mask,
+                                  self.gradient_checkpointing and self.training)
         logits = self.lm_head(self.final_norm(x))
 
         moe_losses = torch.stack(moe_terms).mean(0) if moe_terms else None

@@ -32,7 +32,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from megatransformer_utils import CONFIG_DIR, _load_yaml, resolve_config_path
 from model.megatransformer_causal import count_parameters, init_weights
@@ -40,7 +39,7 @@ from model.megatransformer_recurrent import RecurrentDepth
 from model.multimodal.config import MultimodalConfig
 from model.multimodal.media import build_media_codec, is_bidirectional, num_positions
 from model.multimodal.spans import SpanKVCache
-from model.transformer.block import TransformerBlock
+from model.transformer.block import TransformerBlock, run_blocks
 from model.transformer.embedding import DecoderEmbedding
 from model.transformer.norms import make_norm
 
@@ -148,7 +147,8 @@ class MegaTransformerMultimodal(RecurrentDepth, nn.Module):
             x, thinking_steps, iterations, moe_terms = self.run_recurrent_depth(
                 x, attention_inputs, cache, token_mask, num_steps, None, head, past_length)
         else:
-            x, moe_terms = self._run_blocks(x, attention_inputs, cache, token_mask)
+            x, moe_terms = run_blocks(self.blocks, x, attention_inputs, cache, token_mask,
+                                      self.gradient_checkpointing and self.training)
         hidden = self.final_norm(x)
         logits = self.lm_head(hidden)
         predictions = {kind: self.media_decoders[kind](hidden[rows, columns]) for kind, (rows, columns) in placed.items()}
@@ -159,18 +159,6 @@ class MegaTransformerMultimodal(RecurrentDepth, nn.Module):
         return MultimodalOutput(logits=logits, media=predictions, aux_loss=aux_loss, moe_losses=moe_losses,
                                 past_key_values=cache if use_cache or past_key_values is not None else None,
                                 thinking_steps=thinking_steps, num_steps=iterations)
-
-    def _run_blocks(self, x: torch.Tensor, attention_inputs, cache, token_mask) -> tuple[torch.Tensor, list]:
-        """The causal backbone: x (B, T, H) through every block → (x, MoE terms)."""
-        moe_terms = []
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x, aux = checkpoint(block, x, attention_inputs, cache, token_mask, use_reentrant=False)
-            else:
-                x, aux = block(x, attention_inputs, cache, token_mask)
-            if aux is not None:
-                moe_terms.append(aux)
-        return x, moe_terms
 
     def num_parameters(self, exclude_embeddings: bool = False, active_only: bool = False) -> int:
         """Parameter count (see MegaTransformerCausalLM.num_parameters)."""

@@ -11,6 +11,7 @@ from typing import Hashable, Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatransformer_utils import MegaTransformerConfig
 from model.transformer.attention import Attention, AttentionInputs, KVCache
@@ -38,3 +39,18 @@ class TransformerBlock(nn.Module):
         x = self.attn_post_norm(x + self.dropout(self.attn(self.attn_norm(x), inputs, cache, cache_key)))
         h, aux = self.ffn(self.ffn_norm(x), token_mask)
         return self.ffn_post_norm(x + self.dropout(h)), aux
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attention_inputs: AttentionInputs, cache: Optional[KVCache],
+               token_mask: Optional[torch.Tensor], checkpointing: bool) -> tuple[torch.Tensor, list]:
+    """x (B, T, hidden_size) through every block in order → (x, the MoE auxiliary losses of the blocks that have
+    them). checkpointing: recompute each block's activations in the backward pass (only while gradients are on)."""
+    moe_terms = []
+    for block in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x, aux = checkpoint(block, x, attention_inputs, cache, token_mask, use_reentrant=False)
+        else:
+            x, aux = block(x, attention_inputs, cache, token_mask)
+        if aux is not None:
+            moe_terms.append(aux)
+    return x, moe_terms
