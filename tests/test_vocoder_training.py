@@ -192,15 +192,15 @@ def learning_run(speech_caches, runs_dir) -> Path:
 
 @needs_espeak
 def test_mel_l1_falls(learning_run):
-    """Measured (deterministic on CPU): eval/mel_l1 2.23 at step 5 → 1.90 at step 30 (falling at every
-    evaluation), eval/mrstft 3.86 → 3.24."""
+    """Measured (deterministic on CPU; the magnitude starts at the mel's least-squares magnitude): eval/mel_l1
+    0.544 at step 5 → 0.367 at step 30 (falling at every evaluation), eval/mrstft 1.71 → 1.57."""
     accumulator = only_events(learning_run)
     mel_l1, mrstft = scalars(accumulator, "eval/mel_l1"), scalars(accumulator, "eval/mrstft")
     steps = list(range(5, LEARNING_STEPS + 1, 5))
     assert sorted(mel_l1) == sorted(mrstft) == steps
     assert all(mel_l1[later] < mel_l1[earlier] + 0.01 for earlier, later in zip(steps, steps[1:]))
-    assert mel_l1[LEARNING_STEPS] < mel_l1[5] - 0.2
-    assert mrstft[LEARNING_STEPS] < mrstft[5] - 0.3
+    assert mel_l1[LEARNING_STEPS] < 0.8 * mel_l1[5]
+    assert mrstft[LEARNING_STEPS] < mrstft[5] - 0.1
 
 
 @needs_espeak
