@@ -83,8 +83,8 @@ from data.builtin_speech import Utterance, synthesize
 count, out = int(sys.argv[1]), sys.argv[2]
 with open(f"{out}/prompts.tsv", "w") as listing:
     for index, prompt in enumerate(prompts_of("validation")[:count]):
-        voice, pitch, speed = SPEAKERS[index % len(SPEAKERS)]
-        samples, rate = synthesize(Utterance("ref", voice, speed, pitch, "A sentence in my own voice."))
+        voice, speed = SPEAKERS[index % len(SPEAKERS)]
+        samples, rate = synthesize(Utterance("ref", voice, speed, None, "A sentence in my own voice."))
         soundfile.write(f"{out}/ref-{index}.wav", samples, rate)
         listing.write(f"{index}\t{voice}\t{prompt}\n")
 EOF

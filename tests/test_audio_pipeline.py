@@ -30,8 +30,9 @@ from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from model.pretrained import unique_tensors
 from model.text_encoders import BuiltinWordEncoder
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is not installed (apt-get install espeak-ng)")
+pytestmark = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                                reason="needs flite (builtin:phrases) and espeak-ng (builtin:speech): "
+                                       "apt-get install flite espeak-ng")
 OFFLINE = ["--text_encoder", "builtin:words", "--speaker_encoder", "resemblyzer", "--num_workers", "0"]
 TINY_RUN = ["--device", "cpu", "--batch_size", "4", "--eval_batches", "1", "--logging_steps", "1",
             "--no_progress_bar"]
