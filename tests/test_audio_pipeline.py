@@ -134,7 +134,7 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the same seed gives the same audio
 
 
-def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path):
+def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path, capsys):
     train_dir, val_dir = caches
     runs = tmp_path / "runs"
     code, report = run_main(pretrain_audio_diffusion.main, [
@@ -153,6 +153,12 @@ def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path)
         vocoder_dir, "--output", tmp_path / "out.wav", "--steps", "1", "--device", "cpu"])
     assert code == 0
     assert f"({round(4 * per_token)} mel frames)" in printed  # 3 words + the end token
+    common = ["--run_dir", runs / "mel", "--prompt", "", "--speaker", reference, "--vocoder_checkpoint", vocoder_dir,
+              "--output", tmp_path / "empty.wav", "--steps", "1", "--device", "cpu"]
+    code, printed = run_main(generate_audio.main, [*common, "--seconds", "0.5"])  # the floor of bench/speech_judges.py
+    assert code == 0 and "(32 mel frames) for ''" in printed  # 1 + 8000 // 256
+    assert run_main(generate_audio.main, common)[0] == 1
+    assert "--prompt is empty" in capsys.readouterr().err
 
 
 def test_corrupt_audio_and_empty_transcripts_are_counted_and_skipped(tmp_path):
