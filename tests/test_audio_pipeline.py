@@ -21,6 +21,7 @@ import generate_audio
 import preprocess_audio_diffusion_dataset
 import pretrain_audio_diffusion
 import pretrain_audio_vae
+from bench import audio_vae_quality
 from data.builtin_phrases import phrase_utterances, prompts_of
 from data.builtin_speech import synthesize
 from data.sharded_cache import ShardedCache
@@ -107,6 +108,13 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
     assert {"train/reconstruction", "train/kl", "train/adversarial", "eval/mel_l1", "eval/mel_mse"} <= tags["scalars"]
     assert "samples/clip0/mel" in tags["images"]
     assert {"samples/clip0/vocoded_original", "samples/clip0/vocoded_reconstruction"} <= tags["audio"]
+    code, printed = run_main(audio_vae_quality.main, [  # the VAE heard through the vocoder, on whole utterances
+        "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint", vocoder_dir, "--cache_dir", val_dir,
+        "--max_items", "2", "--device", "cpu", "--output_json", tmp_path / "vae_quality.json"])
+    assert code == 0 and "mel L1 (VAE vs real mel)" in printed
+    quality = json.loads((tmp_path / "vae_quality.json").read_text())
+    assert len(quality["clips"]) == 2 and quality["summary"]["mel_l1"]["mean"] > 0
+    assert all(clip["pesq"] is None or -0.5 <= clip["pesq"] <= 4.65 for clip in quality["clips"])
     code, report = run_main(pretrain_audio_diffusion.main, [
         "--run_name", "dit", "--runs_dir", runs, "--diffusion_type", "tiny_dit", "--train_data_dir", train_dir,
         "--val_data_dir", val_dir, "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint",
