@@ -6,6 +6,7 @@ generates with an empty prompt (the floor).
     python bench/speech_judges.py --num_items 200                      # the ceiling alone: real recordings
     python bench/speech_judges.py --run_dir runs/phrases_dit \\
         --vocoder_checkpoint runs/phrases_vocoder/checkpoint-3000 --num_items 64 --steps 25
+    python bench/speech_judges.py --listing runs/wm_audio/wm_speech_eval/prompts.tsv   # wavs made elsewhere
 
 Items: the first --num_items builtin:phrases validation utterances (data/builtin_phrases.py: prompts never heard in
 training, each spoken by one of the four flite voices at its own rate). Real: the utterance as flite speaks it.
@@ -21,6 +22,10 @@ WER, two ways (errors / reference words over all items):
            three isolated words is far from 0 (see bench/RESULTS.md); reported beside the grammar's.
 Speaker: accuracy of assigning each clip to its conditioning voice by the nearest centroid (cosine) of the
 resemblyzer embeddings of --centroid_items real train utterances (4 voices: chance is 25%).
+
+--listing judges wavs made elsewhere (bench/wm_speech_eval.py's prompts.tsv): tab-separated rows of index,
+speaker, transcript and one or more wav paths (relative to the listing's folder); each wav column is a set named by
+its paths' folder (tts, real). The speakers must be builtin:phrases' voices.
 
 Prints the table (overall and per voice) and writes OUTPUT_DIR/judges.json (default: RUN_DIR/speech_judges, or
 runs/speech_judges without a run) with every clip's transcripts; the wavs go under OUTPUT_DIR/{real,generated,
@@ -47,8 +52,7 @@ from training.speech_judges import RECOGNISER_RATE, SpeakerJudge, SpeechRecogniz
 SLOTS = (COLOURS, OBJECTS, DIGITS)
 CHANCE_WER = sum(1 - 1 / len(slot) for slot in SLOTS) / len(SLOTS)
 MODES = ("grammar", "open")
-SETS = (("real", "real recordings (ceiling)"), ("generated", "generated"),
-        ("empty_prompt", "empty prompt (floor)"))
+LABELS = {"real": "real recordings (ceiling)", "generated": "generated", "empty_prompt": "empty prompt (floor)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a checkpoint directory, or its name inside --run_dir")
     parser.add_argument("--vocoder_checkpoint", help="the vocoder for generated speech (needed with --run_dir)")
     parser.add_argument("--num_items", type=int, default=64, help="builtin:phrases validation utterances to judge")
+    parser.add_argument("--listing", help="judge the wavs of this TSV (index, speaker, transcript, wav...) instead")
     parser.add_argument("--centroid_items", type=int, default=200,
                         help="real builtin:phrases train utterances for the speaker judge's centroids")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the run config's)")
@@ -111,20 +116,41 @@ def write_generated(args, items, speaker_clips: dict, output_dir: Path) -> dict[
     return paths
 
 
-def judge(items, paths: list[Path], recognisers: dict, speaker_judge: SpeakerJudge) -> dict:
-    """{"clips": per clip (path, speaker, text, transcripts, judged speaker), "overall" and "per_speaker":
-    {"wer_grammar", "wer_open", "speaker_accuracy", "clips"}}."""
+def judge(rows: list[tuple], recognisers: dict, speaker_judge: SpeakerJudge) -> dict:
+    """rows: (speaker, reference text, wav path) -> {"clips": per clip (path, speaker, text, transcripts, judged
+    speaker), "overall" and "per_speaker": {"wer_grammar", "wer_open", "speaker_accuracy", "clips"}}."""
     clips = []
-    for item, path in zip(items, paths):
+    for speaker, text, path in rows:
         clip = read_clip(path)
         transcripts = {mode: recognisers[mode].transcribe(*clip) for mode in MODES}
-        clips.append({"path": str(path), "speaker": item.voice, "text": item.text, "transcripts": transcripts,
-                      "errors": {mode: word_errors(item.text, transcripts[mode])[0] for mode in MODES},
-                      "words": len(item.text.split()), "judged_speaker": speaker_judge.classify([clip])[0]})
+        clips.append({"path": str(path), "speaker": speaker, "text": text, "transcripts": transcripts,
+                      "errors": {mode: word_errors(text, transcripts[mode])[0] for mode in MODES},
+                      "words": len(text.split()), "judged_speaker": speaker_judge.classify([clip])[0]})
     summary = {"clips": clips, "overall": summarise(clips)}
     summary["per_speaker"] = {voice: summarise([clip for clip in clips if clip["speaker"] == voice])
                               for voice, _ in SPEAKERS if any(clip["speaker"] == voice for clip in clips)}
     return summary
+
+
+def read_listing(path: Path) -> dict[str, list[tuple]]:
+    """A TSV of index, speaker, transcript, wav... -> {set name (the wav column's folder): [(speaker, transcript,
+    wav path)]}; ValueError for a malformed row or an unknown speaker."""
+    voices = [voice for voice, _ in SPEAKERS]
+    sets = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) < 4 or not fields[2].strip():
+            raise ValueError(f"{path}:{number}: expected index, speaker, transcript and at least one wav path "
+                             f"(tab-separated), got {line!r}")
+        if fields[1] not in voices:
+            raise ValueError(f"{path}:{number}: speaker {fields[1]!r} is not a builtin:phrases voice "
+                             f"({', '.join(voices)}): the speaker judge knows only those")
+        for wav in fields[3:]:
+            name = Path(wav).parent.name or "listed"
+            sets.setdefault(name, []).append((fields[1], fields[2], path.parent / wav))
+    if not sets:
+        raise ValueError(f"{path} lists no wavs")
+    return sets
 
 
 def summarise(clips: list[dict]) -> dict:
@@ -140,29 +166,36 @@ def measure(args) -> dict:
                          f"voice), got {args.num_items} and {args.centroid_items}")
     if (args.run_dir or args.checkpoint) and not args.vocoder_checkpoint:
         raise ValueError("--run_dir needs --vocoder_checkpoint: the vocoder that turns generated mels into speech")
+    if args.listing and (args.run_dir or args.checkpoint):
+        raise ValueError("give --listing (wavs made elsewhere) or --run_dir (generate here), not both")
     run = args.run_dir or (str(Path(args.checkpoint).parent) if args.checkpoint else None)
-    output_dir = Path(args.output_dir or (Path(run) / "speech_judges" if run else "runs/speech_judges"))
-    items = list(phrase_utterances("validation", args.num_items))
+    default_dir = Path(run) / "speech_judges" if run else Path(args.listing).parent if args.listing else None
+    output_dir = Path(args.output_dir or default_dir or "runs/speech_judges")
+    listed = read_listing(Path(args.listing)) if args.listing else None
     centroid_clips = {}
     for item in phrase_utterances("train", args.centroid_items):
         samples, rate = synthesize(item)
         centroid_clips.setdefault(item.voice, []).append((torch.from_numpy(samples), rate))
     speaker_judge = SpeakerJudge.fit(ResemblyzerEncoder(), centroid_clips)
     recognisers = {"grammar": SpeechRecognizer(grammar=SLOTS), "open": SpeechRecognizer()}
-    paths = {"real": write_real(items, output_dir / "real")}
-    if run:
-        paths.update(write_generated(args, items, centroid_clips, output_dir))
-    results = {name: judge(items, paths[name], recognisers, speaker_judge) for name, _ in SETS if name in paths}
-    return {"output_dir": str(output_dir), "run": run, "num_items": len(items), "centroid_items": args.centroid_items,
-            "chance_wer_grammar": CHANCE_WER, "chance_speaker_accuracy": 1 / len(SPEAKERS), "sets": results}
+    if listed is None:
+        items = list(phrase_utterances("validation", args.num_items))
+        paths = {"real": write_real(items, output_dir / "real")}
+        if run:
+            paths.update(write_generated(args, items, centroid_clips, output_dir))
+        listed = {name: [(item.voice, item.text, path) for item, path in zip(items, wavs)]
+                  for name, wavs in paths.items()}
+    results = {name: judge(rows, recognisers, speaker_judge) for name, rows in listed.items()}
+    return {"output_dir": str(output_dir), "run": run, "listing": args.listing,
+            "centroid_items": args.centroid_items, "chance_wer_grammar": CHANCE_WER,
+            "chance_speaker_accuracy": 1 / len(SPEAKERS), "sets": results}
 
 
 def print_table(report: dict) -> None:
     print(f"{'':28} {'WER grammar':>11} {'WER open':>9} {'speaker':>8} {'clips':>6}")
-    for name, label in SETS:
-        if name not in report["sets"]:
-            continue
-        for key, figures in [("", report["sets"][name]["overall"])] + list(report["sets"][name]["per_speaker"].items()):
+    for name, result in report["sets"].items():
+        label = LABELS.get(name, name)
+        for key, figures in [("", result["overall"])] + list(result["per_speaker"].items()):
             title = label if not key else f"  {key}"
             print(f"{title:28} {figures['wer_grammar']:11.1%} {figures['wer_open']:9.1%} "
                   f"{figures['speaker_accuracy']:8.1%} {figures['clips']:6d}")
@@ -177,6 +210,7 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     output_dir = Path(report["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "judges.json").write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
     print(f"\nwritten: {output_dir / 'judges.json'} and the wavs under {output_dir}/")

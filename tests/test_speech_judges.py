@@ -6,8 +6,10 @@ ValueError."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import soundfile
 import torch
 
 from data.builtin_phrases import COLOURS, DIGITS, OBJECTS, SPEAKERS, phrase_utterances
@@ -135,3 +137,18 @@ def test_the_bench_cli_judges_real_recordings_and_checks_its_flags(tmp_path, cap
     assert "real recordings (ceiling)" in capsys.readouterr().out
     assert speech_judges.main(["--run_dir", str(tmp_path / "run"), "--output_dir", str(tmp_path)]) == 1
     assert "--run_dir needs --vocoder_checkpoint" in capsys.readouterr().err
+    # a listing of wavs made elsewhere (bench/wm_speech_eval.py's prompts.tsv): one set per wav column
+    (tmp_path / "noise").mkdir()
+    rows = []
+    for index, clip_row in enumerate(real["clips"]):
+        wav = f"noise/{index:03d}.wav"
+        noise = 0.3 * torch.randn(16000, generator=torch.Generator().manual_seed(index))
+        soundfile.write(tmp_path / wav, noise.numpy(), 16000)
+        rows.append(f"{index}\t{clip_row['speaker']}\t{clip_row['text']}\t{wav}\treal/{Path(clip_row['path']).name}\n")
+    (tmp_path / "prompts.tsv").write_text("".join(rows))
+    assert speech_judges.main(["--listing", str(tmp_path / "prompts.tsv"), "--centroid_items", "12"]) == 0
+    listed = json.loads((tmp_path / "judges.json").read_text())["sets"]
+    assert listed["real"]["overall"] == real["overall"] and listed["noise"]["overall"]["wer_grammar"] == 1.0
+    (tmp_path / "bad.tsv").write_text("0\tjohn\tred box one\treal/000.wav\n")
+    assert speech_judges.main(["--listing", str(tmp_path / "bad.tsv")]) == 1
+    assert "speaker 'john' is not a builtin:phrases voice" in capsys.readouterr().err
