@@ -1,17 +1,24 @@
-"""Generate with a multimodal world model of pretrain_wm.py: text -> images, images -> captions, or any mix.
+"""Generate with a multimodal world model of pretrain_wm.py: text -> images or speech, images -> captions, speech
+-> text, or any mix.
 
     python generate_wm.py --run_dir runs/wm --prompt "a red circle" --output_dir out/        # writes PNGs
     python generate_wm.py --run_dir runs/wm --image in.png                                   # prints a caption
+    python generate_wm.py --run_dir runs/wm --audio in.wav                                   # prints a transcript
+    python generate_wm.py --run_dir runs/wm --prompt "red box seven" --speaker ref.wav       # writes a wav
     python generate_wm.py --checkpoint runs/wm/checkpoint-2000 --image a.png --prompt "and a blue square"
 
---prompt and --image may repeat; they form one prompt in command-line order: [bos] then each text (tokenized)
-or image (encoded by the run's VAE at the run's image size, bracketed by begin/end-of-image). A prompt that ends
-with text is continued with an image (text-to-image: the prompt forces begin-of-image; --num_images samples, each
-from its own seed); one that ends with an image is continued with text (a caption). Generation then goes on as
-the model chooses (text on the KV cache, images sampled where it emits begin-of-image, at most --max_images more)
-until it ends the sequence or --max_new_tokens. Generated text is printed; generated images are written to
-OUTPUT_DIR/<number>-<index>.png. The VAE and tokenizer are the checkpoint's (wm_meta.json, tokenizer/);
---vae_checkpoint points at the VAE if it has moved (other weights are refused).
+--prompt, --image and --audio may repeat; they form one prompt in command-line order: [bos] then each text
+(tokenized), image (encoded by the run's VAE at the run's image size) or recording (resampled, padded with silence
+to the run's clip length, encoded by the run's audio VAE or as log-mel frames, with its speaker embedding), each
+medium bracketed by its begin/end tokens. A prompt that ends with text is continued with an image or, with
+--speaker (or --continue_with audio), with speech in the voice of the --speaker recording (text-to-image or
+text-to-speech: the prompt forces the begin token; --num_samples samples, each from its own seed); one that ends
+with an image or a recording is continued with text (a caption, a transcript). Generation then goes on as the
+model chooses (text on the KV cache, media sampled where it emits a begin token, at most --max_media more) until
+it ends the sequence or --max_new_tokens. Generated text is printed; generated images are written to
+OUTPUT_DIR/<number>-<index>.png and speech to OUTPUT_DIR/<number>-<index>.wav (vocoded by --vocoder_checkpoint,
+or Griffin-Lim without one). The encoders and tokenizer are the checkpoint's (wm_meta.json, tokenizer/);
+--vae_checkpoint and --audio_vae_checkpoint point at the VAEs if they have moved (other weights are refused).
 """
 
 import argparse
@@ -20,11 +27,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 from PIL import Image
 
 from data.image_latents import checkpoint_fingerprint
 from data.image_sources import ImageRecord, load_image_item
+from data.multimodal_audio import ClipCodec
 from data.tokenizer import load_tokenizer
 from model.multimodal.generation import MediaSegment, TextSegment, generate_multimodal
 from training.checkpoints import checkpoint_from_args
@@ -36,7 +45,7 @@ WM_META, TOKENIZER_DIR = "wm_meta.json", "tokenizer"
 
 
 class AppendSegment(argparse.Action):
-    """--prompt and --image append (kind, value) to args.segments, keeping the command line's order."""
+    """--prompt, --image and --audio append (kind, value) to args.segments, keeping the command line's order."""
 
     def __call__(self, parser, namespace, value, option_string=None):
         segments = getattr(namespace, "segments", None) or []
@@ -50,15 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", help="a checkpoint directory, or its name inside --run_dir")
     parser.add_argument("--prompt", action=AppendSegment, help="text of the prompt (repeatable)")
     parser.add_argument("--image", action=AppendSegment, help="an image file in the prompt (repeatable)")
-    parser.add_argument("--num_images", type=int, default=1, help="samples of a prompt that ends with text")
-    parser.add_argument("--max_images", type=int, default=1, help="images generated per sample at most")
+    parser.add_argument("--audio", action=AppendSegment, help="a recording in the prompt (repeatable)")
+    parser.add_argument("--speaker", help="a recording of the voice for generated speech")
+    parser.add_argument("--continue_with", choices=("image", "audio"),
+                        help="what a prompt that ends with text is continued with (default: audio with --speaker "
+                             "or for a model without images, else image)")
+    parser.add_argument("--num_samples", "--num_images", type=int, default=1,
+                        help="samples of a prompt that ends with text")
+    parser.add_argument("--max_media", "--max_images", type=int, default=1,
+                        help="images or clips generated per sample at most")
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--guidance_scale", type=float, help="classifier-free guidance (default: the config's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the config's sampling_steps)")
     parser.add_argument("--temperature", type=float, help="sample text at this temperature (default: greedy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="generated_wm")
-    parser.add_argument("--vae_checkpoint", help="the VAE (default: the run's)")
+    parser.add_argument("--vae_checkpoint", help="the image VAE (default: the run's)")
+    parser.add_argument("--audio_vae_checkpoint", help="the audio VAE (default: the run's)")
+    parser.add_argument("--vocoder_checkpoint", help="a pretrain_vocoder.py checkpoint (default: Griffin-Lim)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.set_defaults(segments=[])
     return parser
@@ -66,33 +84,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_arguments(args) -> None:
     if not args.segments:
-        raise ValueError("give at least one --prompt or --image")
-    for name in ("num_images", "max_new_tokens"):
+        raise ValueError("give at least one --prompt, --image or --audio")
+    for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_images < 0:
-        raise ValueError(f"--max_images must not be negative, got {args.max_images}")
+    if args.max_media < 0:
+        raise ValueError(f"--max_media must not be negative, got {args.max_media}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.temperature is not None and args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
 
 
-def load_run(checkpoint: Path, vae_checkpoint: str | None, device: torch.device):
-    """(model, VAE, tokenizer, wm_meta) of a checkpoint; a VAE with other weights than the run's is refused."""
+def load_run(checkpoint: Path, device: torch.device, vae_checkpoint=None, audio_vae_checkpoint=None,
+             vocoder_checkpoint=None):
+    """(model, image VAE or None, ClipCodec or None, tokenizer, wm_meta) of a checkpoint; a VAE with other weights
+    than the run's is refused. The checkpoint arguments: where the run's VAEs have moved, and a vocoder."""
     meta_path = checkpoint / WM_META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{checkpoint} has no {WM_META}: pass a checkpoint of pretrain_wm.py with a multimodal "
                                 "config (runs/RUN_NAME/checkpoint-STEP)")
     meta = json.loads(meta_path.read_text())
-    vae_dir = Path(vae_checkpoint or meta["vae_checkpoint"])
-    if not (vae_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"the run's VAE checkpoint {vae_dir} is gone: pass --vae_checkpoint its new place")
-    if checkpoint_fingerprint(vae_dir) != meta["vae_fingerprint"]:
-        raise ValueError(f"the VAE {vae_dir} is not the one {checkpoint} was trained with ({meta['vae_checkpoint']}): "
-                         "pass that checkpoint as --vae_checkpoint")
-    vae, _ = load_vae_checkpoint(vae_dir, device=device)
-    return load_pretrained(checkpoint, device, family="multimodal"), vae, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
+    model = load_pretrained(checkpoint, device, family="multimodal")
+    vae = codec = None
+    if "image" in model.config.media:
+        vae_dir = Path(vae_checkpoint or meta["vae_checkpoint"])
+        if not (vae_dir / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the run's VAE checkpoint {vae_dir} is gone: pass --vae_checkpoint its new place")
+        if checkpoint_fingerprint(vae_dir) != meta["vae_fingerprint"]:
+            raise ValueError(f"the VAE {vae_dir} is not the one {checkpoint} was trained with "
+                             f"({meta['vae_checkpoint']}): pass that checkpoint as --vae_checkpoint")
+        vae, _ = load_vae_checkpoint(vae_dir, device=device)
+    if "audio" in model.config.media:
+        codec = ClipCodec(meta["media"]["audio"], device, audio_vae_checkpoint, vocoder_checkpoint)
+    return model, vae, codec, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
+
+
+def _need(medium, kind: str, flag: str, model) -> None:
+    if medium is None:
+        raise ValueError(f"{flag} needs a model with {kind}, but this one models "
+                         f"{', '.join(['text'] + model.config.media_kinds)}")
 
 
 @torch.no_grad()
@@ -105,42 +136,72 @@ def encode_image(path: str, vae, meta: dict, device: torch.device) -> torch.Tens
     return vae.encode(pixels).mean[0] * meta["media"]["image"]["latent_scale_factor"]
 
 
-@torch.no_grad()
-def generate(args) -> tuple[list[str], list[Path]]:
-    """Run the prompt; returns (generated texts, written image paths)."""
-    check_arguments(args)
-    device = choose_device(args.device)
-    model, vae, tokenizer, meta = load_run(checkpoint_from_args(args, "pretrain_wm.py"), args.vae_checkpoint, device)
-    config, scale = model.config, meta["media"]["image"]["latent_scale_factor"]
-    prompt = [TextSegment([config.bos_token_id])]
+def build_prompt(args, model, vae, codec, tokenizer, meta: dict, device: torch.device) -> tuple[list, dict, bool]:
+    """The prompt segments of the command line → (segments, conditions for generated spans, ends with text). The
+    voice of generated speech is --speaker's, else that of the prompt's last recording."""
+    config = model.config
+    voiced = bool(config.media.get("audio", {}).get("speaker_embedding_dim"))
+    prompt, voice = [TextSegment([config.bos_token_id])], None
     for kind, value in args.segments:
         if kind == "image":
+            _need(vae, "images", "--image", model)
             prompt.append(MediaSegment("image", encode_image(value, vae, meta, device)))
+        elif kind == "audio":
+            _need(codec, "audio", "--audio", model)
+            frames, voice = codec.read(value)
+            prompt.append(MediaSegment("audio", frames, voice if voiced else None))
         else:
             prompt.append(TextSegment(tokenizer(value, add_special_tokens=False)["input_ids"]))
+    if args.speaker:
+        _need(codec, "audio", "--speaker", model)
+        voice = codec.read_speaker(args.speaker)
     ends_with_text = args.segments[-1][0] == "prompt"
     if ends_with_text:
-        prompt.append(TextSegment([config.begin_token_id("image")]))
+        continue_with = args.continue_with or ("audio" if args.speaker or vae is None else "image")
+        _need(codec if continue_with == "audio" else vae, continue_with, f"--continue_with {continue_with}", model)
+        if continue_with == "audio" and voiced and voice is None:
+            raise ValueError("this model speaks in a given voice: pass --speaker ref.wav (a recording of it)")
+        prompt.append(TextSegment([config.begin_token_id(continue_with)]))
+    return prompt, ({"audio": voice} if voiced and voice is not None else {}), ends_with_text
+
+
+@torch.no_grad()
+def generate(args) -> tuple[list[str], list[Path]]:
+    """Run the prompt; returns (generated texts, written image and wav paths)."""
+    check_arguments(args)
+    device = choose_device(args.device)
+    model, vae, codec, tokenizer, meta = load_run(checkpoint_from_args(args, "pretrain_wm.py"), device,
+                                                  args.vae_checkpoint, args.audio_vae_checkpoint,
+                                                  args.vocoder_checkpoint)
+    prompt, conditions, ends_with_text = build_prompt(args, model, vae, codec, tokenizer, meta, device)
     output_dir = Path(args.output_dir)
     texts, written = [], []
-    for number in range(args.num_images if ends_with_text else 1):
+    for number in range(args.num_samples if ends_with_text else 1):
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + number)
         segments = generate_multimodal(model, prompt, max_new_tokens=args.max_new_tokens,
                                        do_sample=args.temperature is not None, temperature=args.temperature or 1.0,
                                        guidance_scale=args.guidance_scale, steps=args.steps,
-                                       max_media=args.max_images, generator=generator)
-        images = 0
-        for segment in segments:
-            if isinstance(segment, TextSegment):
-                texts.append(tokenizer.decode(segment.token_ids, skip_special_tokens=True))
-                continue
-            pixels = (vae.decode(segment.latents[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
+                                       max_media=args.max_media,
+                                       generator=generator, conditions=conditions)
+        for index, segment in enumerate(segment for segment in segments if isinstance(segment, MediaSegment)):
             output_dir.mkdir(parents=True, exist_ok=True)
-            path = output_dir / f"{number}-{images}.png"
-            Image.fromarray(np.ascontiguousarray(pixels.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())).save(path)
-            written.append(path)
-            images += 1
+            written.append(_write_media(segment, vae, codec, meta, output_dir / f"{number}-{index}"))
+        texts += [tokenizer.decode(segment.token_ids, skip_special_tokens=True) for segment in segments
+                  if isinstance(segment, TextSegment)]
     return texts, written
+
+
+def _write_media(segment: MediaSegment, vae, codec, meta: dict, stem: Path) -> Path:
+    """One generated image (PNG) or clip (wav) → its path."""
+    if segment.kind == "audio":
+        path = stem.with_suffix(".wav")
+        soundfile.write(str(path), codec.waveform(segment.latents, segment.condition).numpy(), codec.sample_rate)
+        return path
+    scale = meta["media"]["image"]["latent_scale_factor"]
+    pixels = (vae.decode(segment.latents[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
+    path = stem.with_suffix(".png")
+    Image.fromarray(np.ascontiguousarray(pixels.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())).save(path)
+    return path
 
 
 def main(argv=None) -> int:
@@ -155,7 +216,7 @@ def main(argv=None) -> int:
     for path in paths:
         print(path)
     if paths:
-        print(f"\n{len(paths)} image(s) written to {args.output_dir}")
+        print(f"\n{len(paths)} file(s) written to {args.output_dir}")
     return 0
 
 

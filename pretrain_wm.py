@@ -14,9 +14,14 @@ training/multimodal_task.py); otherwise model/families.py's select_family decide
 
     python pretrain_wm.py --run_name wm --config multimodal/tiny --train_data_dir cached_datasets/wm_train \\
         --val_data_dir cached_datasets/wm_val --max_steps 2000
+    python pretrain_wm.py --run_name wm_r --config multimodal/tiny_recurrent ...   # or --set backbone=recurrent
 
-A recurrent run logs train/thinking_steps and, at each evaluation, the validation loss at the depths of
---eval_thinking_steps and under the exit criterion. The vocabulary size and special tokens follow the cache's
+A multimodal run models the media its train cache holds (text, images, speech) and logs each loss term apart;
+its samples are captions and image grids, transcripts and speech (--vocoder_checkpoint, or Griffin-Lim).
+
+A recurrent run (the recurrent LM, or a multimodal config with backbone: recurrent) logs train/thinking_steps
+and, at each evaluation, the validation loss at the depths of --eval_thinking_steps (and under the LM's exit
+criterion, or at the world model's mean depth). The vocabulary size and special tokens follow the cache's
 tokenizer. Everything lands in runs/RUN_NAME/.
 """
 
@@ -43,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample_prompts", nargs="+", help="prompts for the text samples")
     parser.add_argument("--sample_max_new_tokens", type=int, default=48)
     parser.add_argument("--eval_thinking_steps", type=int, nargs="+", default=[1, 4, 16, 32], metavar="R",
-                        help="recurrent models: also evaluate at these fixed depths")
+                        help="recurrent models and recurrent world models: also evaluate at these fixed depths")
     add_multimodal_arguments(parser)
     return parser.parse_args(argv)
 

@@ -37,7 +37,7 @@ from caption_fidelity import (COLOR_NAMES, classify_colors, prompt_specs, real_a
                               score)
 from data.builtin_shapes import PALETTE, SHAPES, draw_shape, shape_specs  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
-from model.multimodal.generation import caption_media, text_to_image  # noqa: E402
+from model.multimodal.generation import caption_media, text_to_media  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
 
 WORD = re.compile(r"[a-z]+")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args) -> dict:
     device = choose_device(args.device)
     checkpoint = checkpoint_from_args(args, "pretrain_wm.py")
-    model, vae, tokenizer, meta = generate_wm.load_run(checkpoint, None, device)
+    model, vae, _, tokenizer, meta = generate_wm.load_run(checkpoint, device)
     size, scale = meta["image_size"], meta["media"]["image"]["latent_scale_factor"]
 
     specs = [spec for _, spec in zip(range(args.captions), (spec for _, spec in shape_specs("validation")))]
@@ -103,7 +103,7 @@ def measure(args) -> dict:
         for number, spec in enumerate(repeated):
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + number)
             ids = tokenizer(spec.caption, add_special_tokens=False)["input_ids"]
-            image = text_to_image(model, ids, guidance_scale=guidance_scale, steps=args.steps, generator=generator)
+            image = text_to_media(model, ids, guidance_scale=guidance_scale, steps=args.steps, generator=generator)
             decoded = (vae.decode(image[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
             array = decoded.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
             if number % args.num_images == 0:

@@ -5,18 +5,24 @@
                                generator=torch.Generator().manual_seed(i))
 
 A cache item is one of
-    a captioned image in one order:  caption_ids (L,) int, caption, order ("caption_first" | "image_first"),
-                                     image_latent_mean, image_latent_logvar (C, h, w)
-    a text-only window:              text_ids (L,) int
+    captioned media of kind K in one order:  caption_ids (L,) int, caption, order ("caption_first" | "image_first"),
+                                             K_latent_mean and optionally K_latent_logvar (the latents' shape),
+                                             optionally K_condition (D,)
+        an image:  image_latent_mean, image_latent_logvar (C, h, w) of the VAE posterior
+        a clip:    audio_latent_mean (channels, frames) (its frames, no posterior), audio_condition (D,) the
+                   speaker embedding; its caption is the transcript
+    a text-only window:  text_ids (L,) int
 and becomes the sequence
-    caption_first:  bos caption begin [N latent positions] end eos
+    caption_first:  bos caption begin [N latent positions] end eos       (text to image, text to speech)
                     (with probability caption_dropout: bos begin [N] end, nothing after it is trained)
-    image_first:    bos begin [N] end caption eos      (noise capped at caption_noise_cap, so the caption reads it)
+    image_first:    bos begin [N] end caption eos      (media first, whatever its kind: captioning, recognition;
+                    noise capped at caption_noise_cap, so the caption reads it)
     text:           text_ids as they are
 Rows are right-padded with `pad`. The batch (CPU tensors): input_ids, attention_mask, labels (B, T) (-100 at
-latent positions, padding and after a dropped caption's image), and per kind K: K_latents (M, C, h, w) sampled
-from the stored posterior and multiplied by the kind's scale factor, K_rows, K_starts (M,) long and K_noise_cap
-(M,) float: what model/multimodal/loss.py reads. Every random choice comes from `generator`.
+latent positions, padding and after a dropped caption's media), and per kind K: K_latents (M, ...) sampled from the
+stored posterior (or the stored latents when there is no logvar) and multiplied by the kind's scale factor,
+K_rows, K_starts (M,) long, K_noise_cap (M,) float and, for kinds whose items hold one, K_conditions (M, D): what
+model/multimodal/loss.py reads. Every random choice comes from `generator`.
 """
 
 from dataclasses import dataclass
@@ -86,10 +92,11 @@ def collate_multimodal(items: list[dict], layout: SequenceLayout, scale_factors:
         rows.append((ids, labels))
         kind = item_kind(item)
         if kind is not None:
-            mean, logvar = item[f"{kind}_latent_mean"].float(), item[f"{kind}_latent_logvar"].float()
-            noise = torch.randn(mean.shape, generator=generator)
+            latents, logvar = item[f"{kind}_latent_mean"].float(), item.get(f"{kind}_latent_logvar")
+            if logvar is not None:
+                latents = latents + torch.exp(0.5 * logvar.float()) * torch.randn(latents.shape, generator=generator)
             cap = caption_noise_cap if item["order"] == IMAGE_FIRST else 1.0
-            media[kind].append(((mean + torch.exp(0.5 * logvar) * noise) * scale_factors[kind], row, start, cap))
+            media[kind].append((latents * scale_factors[kind], row, start, cap, item.get(f"{kind}_condition")))
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(items), length), layout.pad, dtype=torch.long)
     labels = torch.full((len(items), length), -100, dtype=torch.long)
@@ -100,8 +107,14 @@ def collate_multimodal(items: list[dict], layout: SequenceLayout, scale_factors:
         attention_mask[row, :len(ids)] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     for kind, spans in media.items():
-        batch[f"{kind}_latents"] = torch.stack([latents for latents, _, _, _ in spans]) if spans else torch.zeros(0)
-        batch[f"{kind}_rows"] = torch.tensor([row for _, row, _, _ in spans], dtype=torch.long)
-        batch[f"{kind}_starts"] = torch.tensor([start for _, _, start, _ in spans], dtype=torch.long)
-        batch[f"{kind}_noise_cap"] = torch.tensor([cap for _, _, _, cap in spans], dtype=torch.float32)
+        batch[f"{kind}_latents"] = torch.stack([span[0] for span in spans]) if spans else torch.zeros(0)
+        batch[f"{kind}_rows"] = torch.tensor([span[1] for span in spans], dtype=torch.long)
+        batch[f"{kind}_starts"] = torch.tensor([span[2] for span in spans], dtype=torch.long)
+        batch[f"{kind}_noise_cap"] = torch.tensor([span[3] for span in spans], dtype=torch.float32)
+        conditions = [span[4] for span in spans]
+        if any(condition is not None for condition in conditions):
+            if any(condition is None for condition in conditions):
+                raise ValueError(f"some '{kind}' items of the cache hold a {kind}_condition and some do not: "
+                                 "rewrite the cache with preprocess_multimodal_dataset.py")
+            batch[f"{kind}_conditions"] = torch.stack([condition.float() for condition in conditions])
     return batch

@@ -11,11 +11,13 @@ from a Poisson–log-normal distribution seeded by (depth_seed, step), so every 
 backpropagates through the last `recurrent_backprop_depth` iterations only. Core layer j at iteration i
 caches its keys and values under (layer index of j, i).
 
-`lookup` maps the name of every YAML file in configs/recurrent/ to its config, parsed when looked up.
+The backbone itself (prelude, adapter, core, coda, depth sampling, exit) is the RecurrentDepth mixin, which the
+multimodal world model uses too (backbone: recurrent). `lookup` maps the name of every YAML file in
+configs/recurrent/ to its config, parsed when looked up.
 """
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -67,34 +69,27 @@ class RecurrentAdapter(nn.Module):
         return mixed
 
 
-class MegaTransformerRecurrentLM(nn.Module):
-    """embedding → prelude blocks → (adapter → core blocks → core norm) × r → coda blocks → final norm → LM head."""
+class RecurrentDepth:
+    """The recurrent-depth backbone, shared by the recurrent LM and the multimodal world model (backbone:
+    recurrent): prelude blocks → (adapter → core blocks → core norm) × r → coda blocks. A class using it calls
+    build_recurrent_layers(config) in its __init__ and run_recurrent_depth in its forward; it provides `config`,
+    `gradient_checkpointing` and `training_steps_drawn`."""
 
-    def __init__(self, config: MegaTransformerConfig):
-        super().__init__()
-        self.config = config
+    def build_recurrent_layers(self, config: MegaTransformerConfig) -> None:
         P, R, C = config.n_prelude_layers, config.n_recurrent_layers, config.n_coda_layers
-        self.embedding = DecoderEmbedding(config)
         self.prelude = nn.ModuleList(TransformerBlock(config, i) for i in range(P))
         self.adapter = RecurrentAdapter(config)
         self.core = nn.ModuleList(TransformerBlock(config, P + i) for i in range(R))
         self.core_norm = make_norm(config)
         self.coda = nn.ModuleList(TransformerBlock(config, P + R + i) for i in range(C))
-        self.final_norm = make_norm(config, config.use_final_norm)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
         self.depth_seed = 0  # with the step, seeds sample_num_steps; the same on every rank
         self.training_steps_drawn = 0  # training forwards that sampled their depth (the default step)
         self.generation_num_steps: Optional[int] = None  # depth used by generate(); None = config default
-        # Residual projections scaled for the effective depth of a mean-depth forward pass.
-        effective_layers = P + C + R * config.recurrent_mean_thinking_steps
-        init_weights(self, replace(config, n_layers=max(effective_layers, 1)))
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embedding.tokens.weight
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
+    def effective_layers(self) -> int:
+        """Blocks a mean-depth forward pass runs (scales the residual initialisation)."""
+        c = self.config
+        return max(c.n_prelude_layers + c.n_coda_layers + c.n_recurrent_layers * c.recurrent_mean_thinking_steps, 1)
 
     # ----- depth -----
     def sample_num_steps(self, step: int, rank: int = 0) -> int:
@@ -144,22 +139,18 @@ class MegaTransformerRecurrentLM(nn.Module):
             x = self._run(block, x, inputs, cache, token_mask, key, aux_terms)
         return self.core_norm(x)
 
-    def _decode(self, state, inputs, cache, token_mask, aux_terms) -> torch.Tensor:
-        """state (B, T, H) → logits (B, T, V) through the coda, final norm and LM head."""
+    def _coda(self, state, inputs, cache, token_mask, aux_terms) -> torch.Tensor:
+        """state (B, T, H) → the coda's output (B, T, H)."""
         x = state
         for block in self.coda:
             x = self._run(block, x, inputs, cache, token_mask, None, aux_terms)
-        return self.lm_head(self.final_norm(x))
+        return x
 
-    # ----- forward -----
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False, position_ids: Optional[torch.Tensor] = None,
-                num_steps: Optional[int] = None, exit_criteria: Optional[str] = None) -> RecurrentLMOutput:
-        """input_ids: (B, T); attention_mask: (B, cached + T); labels: (B, T), -100 ignored.
-        num_steps: a fixed depth. Without it: training samples r (sample_num_steps); evaluation exits per token
-        under `exit_criteria` (default config.recurrent_exit_criteria) within recurrent_max_thinking_steps, or
-        runs recurrent_mean_thinking_steps when the criterion is "none"."""
+    def resolve_depth(self, num_steps: Optional[int], exit_criteria: Optional[str]):
+        """(iterations to run at most, exit criterion or None): a fixed num_steps; else generation_num_steps;
+        else training samples r (sample_num_steps) and evaluation exits per token under `exit_criteria` (default
+        config.recurrent_exit_criteria) within recurrent_max_thinking_steps, or runs recurrent_mean_thinking_steps
+        when the criterion is "none"."""
         c = self.config
         if num_steps is None:
             num_steps = self.generation_num_steps
@@ -172,11 +163,14 @@ class MegaTransformerRecurrentLM(nn.Module):
             num_steps = c.recurrent_max_thinking_steps if criterion is not None else c.recurrent_mean_thinking_steps
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+        return num_steps, criterion
 
-        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
-        past_length = len(cache) if cache is not None else 0
-        x, inputs = self.embedding(input_ids, attention_mask, position_ids, past_length)
-        token_mask = attention_mask[:, past_length:] if attention_mask is not None else None
+    def run_recurrent_depth(self, x: torch.Tensor, inputs, cache, token_mask, num_steps: Optional[int],
+                            exit_criteria: Optional[str], head: Callable, past_length: int):
+        """x: (B, T, H) embedded inputs → (coda output (B, T, H), thinking_steps (B, T), iterations, aux terms).
+        head maps the coda output to logits, for the exit criterion's trial readouts."""
+        c = self.config
+        num_steps, criterion = self.resolve_depth(num_steps, exit_criteria)
         aux_terms: list[torch.Tensor] = []
         for block in self.prelude:
             x = self._run(block, x, inputs, cache, token_mask, None, aux_terms)
@@ -190,7 +184,7 @@ class MegaTransformerRecurrentLM(nn.Module):
                 return self._core_step(state, e, inputs, cache, token_mask, i, past_length, aux_terms)
 
         def readout(state: torch.Tensor) -> torch.Tensor:
-            logits = self._decode(state, inputs, cache, token_mask, [])
+            logits = head(self._coda(state, inputs, cache, token_mask, []))
             if cache is not None:  # a trial decode: forget the coda's keys and values again
                 for block in self.coda:
                     cache.truncate(block.attn.layer_index, past_length)
@@ -199,16 +193,8 @@ class MegaTransformerRecurrentLM(nn.Module):
         state = self.initial_state(e)
         state, thinking_steps, iterations = iterate_until_exit(step, state, num_steps, criterion, readout)
         if cache is not None:
-            self._fill_deeper_steps(cache, iterations, past_length, input_ids.shape[1])
-        logits = self._decode(state, inputs, cache, token_mask, aux_terms)
-
-        moe_losses = torch.stack(aux_terms).mean(0) if aux_terms else None
-        aux_loss = (c.moe_aux_loss_weight * moe_losses[0] + c.moe_z_loss_weight * moe_losses[1]
-                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
-        loss = shifted_cross_entropy(logits, labels) + aux_loss if labels is not None else None
-        return RecurrentLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_losses=moe_losses,
-                                 past_key_values=cache if use_cache or past_key_values is not None else None,
-                                 thinking_steps=thinking_steps, num_steps=iterations)
+            self._fill_deeper_steps(cache, iterations, past_length, x.shape[1])
+        return self._coda(state, inputs, cache, token_mask, aux_terms), thinking_steps, iterations, aux_terms
 
     def _fill_deeper_steps(self, cache: KVCache, iterations: int, past_length: int, new_length: int) -> None:
         """Earlier calls may have cached more iterations than this one ran: give the new positions those steps
@@ -221,6 +207,52 @@ class MegaTransformerRecurrentLM(nn.Module):
                 cache.update((layer, step), k[:, :, past_length:past_length + new_length],
                              v[:, :, past_length:past_length + new_length])
                 step += 1
+
+
+class MegaTransformerRecurrentLM(RecurrentDepth, nn.Module):
+    """embedding → prelude blocks → (adapter → core blocks → core norm) × r → coda blocks → final norm → LM head."""
+
+    def __init__(self, config: MegaTransformerConfig):
+        super().__init__()
+        self.config = config
+        self.embedding = DecoderEmbedding(config)
+        self.build_recurrent_layers(config)
+        self.final_norm = make_norm(config, config.use_final_norm)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        # Residual projections scaled for the effective depth of a mean-depth forward pass.
+        init_weights(self, replace(config, n_layers=self.effective_layers()))
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embedding.tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+    # ----- forward -----
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, position_ids: Optional[torch.Tensor] = None,
+                num_steps: Optional[int] = None, exit_criteria: Optional[str] = None) -> RecurrentLMOutput:
+        """input_ids: (B, T); attention_mask: (B, cached + T); labels: (B, T), -100 ignored.
+        num_steps: a fixed depth; without it, see resolve_depth."""
+        c = self.config
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        past_length = len(cache) if cache is not None else 0
+        x, inputs = self.embedding(input_ids, attention_mask, position_ids, past_length)
+        token_mask = attention_mask[:, past_length:] if attention_mask is not None else None
+        head = lambda hidden: self.lm_head(self.final_norm(hidden))  # noqa: E731
+        hidden, thinking_steps, iterations, aux_terms = self.run_recurrent_depth(
+            x, inputs, cache, token_mask, num_steps, exit_criteria, head, past_length)
+        logits = head(hidden)
+
+        moe_losses = torch.stack(aux_terms).mean(0) if aux_terms else None
+        aux_loss = (c.moe_aux_loss_weight * moe_losses[0] + c.moe_z_loss_weight * moe_losses[1]
+                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
+        loss = shifted_cross_entropy(logits, labels) + aux_loss if labels is not None else None
+        return RecurrentLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_losses=moe_losses,
+                                 past_key_values=cache if use_cache or past_key_values is not None else None,
+                                 thinking_steps=thinking_steps, num_steps=iterations)
 
     def generate(self, input_ids: torch.Tensor, *args, num_steps: Optional[int] = None, **kwargs) -> torch.Tensor:
         """model.generation.generate at a fixed depth `num_steps` (None: the config's adaptive or mean depth)."""

@@ -1,8 +1,10 @@
-"""What several test files share: reading a run's TensorBoard events and checkpoints, comparing weights, a tiny
-task and flags for driving the training loop directly, counting module calls, and a DiT with non-zero outputs.
+"""What several test files share: running a script's main and reading its output or error, reading a run's
+TensorBoard events and checkpoints, comparing weights, a tiny task and flags for driving the training loop
+directly, counting module calls, and a DiT with non-zero outputs.
 (The DeepSpeed launcher is tests/two_ranks.py.)"""
 
 import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -16,6 +18,23 @@ from torch import nn
 # discriminator/model.safetensors)
 DEEPSPEED_CHECKPOINT_FILES = ("deepspeed", "rng_state_0.pt", "rng_state_1.pt", "model.safetensors", "config.yaml")
 GAN_CHECKPOINT_FILES = ("discriminator/deepspeed", "discriminator/model.safetensors")
+
+
+# ----- scripts -----
+
+def run_main(main, argv) -> tuple[int, str]:
+    """A script's main(argv) (arguments made strings) → (exit code, what it printed)."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main([str(arg) for arg in argv])
+    return code, output.getvalue()
+
+
+def error_of(main, argv, capsys) -> str:
+    """The message a script prints on stderr when it stops with exit code 1."""
+    capsys.readouterr()
+    assert run_main(main, argv)[0] == 1
+    return capsys.readouterr().err
 
 
 # ----- TensorBoard events -----

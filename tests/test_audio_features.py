@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchaudio
 
-from model.audio.features import (WINDOWS, AudioFeatureConfig, istft, log_mel, mel_filterbank, num_frames,
-                                  num_samples, stft)
+from model.audio.features import (WINDOWS, AudioFeatureConfig, istft, log_mel, magnitude_from_mel, mel_filterbank,
+                                  num_frames, num_samples, stft)
 
 CONFIGS = {
     "default": AudioFeatureConfig(),
@@ -165,3 +165,21 @@ def test_bad_inputs_say_what_to_do():
         istft(torch.zeros(1, cfg.n_freqs, 10), cfg)
     with pytest.raises(ValueError, match="complex spectrogram"):
         istft(torch.zeros(1, 100, 10, dtype=torch.complex64), cfg)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_magnitude_from_mel_is_torchaudios_inverse_mel_scale(name):
+    """The least-squares magnitude (the vocoders' magnitude prior) equals torchaudio's InverseMelScale (lstsq,
+    clamped at zero) up to our floor, and re-analysing it gives back the mel it came from."""
+    cfg = CONFIGS[name]
+    waveform = 0.3 * torch.randn(2, 6000, generator=torch.Generator().manual_seed(1))
+    mel = log_mel(waveform, cfg)
+    magnitude = magnitude_from_mel(mel, cfg)
+    assert magnitude.shape == (2, cfg.n_freqs, mel.shape[-1]) and magnitude.min() >= cfg.log_floor
+    reference = torchaudio.transforms.InverseMelScale(cfg.n_freqs, cfg.n_mels, cfg.sample_rate, cfg.f_min, cfg.f_max,
+                                                      norm=cfg.mel_norm, mel_scale=cfg.mel_scale, driver="gelsd")
+    expected = torch.clamp(reference(torch.exp(mel)), min=cfg.log_floor)
+    torch.testing.assert_close(magnitude, expected, atol=1e-4 * expected.max().item(), rtol=1e-3)
+    banks = mel_filterbank(cfg, torch.device("cpu"))
+    reanalysed = torch.log(torch.clamp(torch.einsum("fm,bft->bmt", banks, magnitude), min=cfg.log_floor))
+    assert (reanalysed - mel).abs().mean() < 0.05

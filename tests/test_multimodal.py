@@ -214,10 +214,12 @@ def test_loss_reports_text_and_image_terms_and_learns():
 # ----- configs and bad input -----
 
 def test_registry_configs_build():
-    assert set(lookup) >= {"tiny", "small", "medium"}
+    assert set(lookup) >= {"tiny", "small", "medium", "tiny_recurrent"}
     for name in lookup:
         config = MultimodalConfig.from_name(name)
-        assert config.media_kinds == ["image"] and config.total_vocab_size == config.vocab_size + 2
+        assert config.media_kinds == ["image", "audio"] and config.total_vocab_size == config.vocab_size + 4
+        assert config.begin_token_id("audio") == config.vocab_size + 2
+    assert MultimodalConfig.from_name("tiny_recurrent").backbone == "recurrent"
     assert is_multimodal_config("multimodal/tiny") and is_multimodal_config("configs/multimodal/small.yaml")
     assert not is_multimodal_config("tiny") and not is_multimodal_config("configs/causal/tiny.yaml")
 

@@ -3,8 +3,6 @@ preprocess_multimodal_dataset.py (an untrained tiny image VAE, a BPE trained on 
 (multimodal/tiny) -> generate_wm.py; the interleaved batches; clear errors for caches, VAEs and configs that do not
 fit together."""
 
-import contextlib
-import io
 import shutil
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pretrain_wm
 from data.builtin_shapes import draw_shape, shape_spec
 from data.multimodal_batches import SequenceLayout, build_sequence, collate_multimodal
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
+from helpers import error_of, run_main
 from model.image.vae import ImageVAEConfig, build_image_vae
 from model.pretrained import save_pretrained
 from training.multimodal_task import resolve_config
@@ -27,19 +26,6 @@ IMAGE_SIZE = 32
 TRAIN_FLAGS = ["--config", "multimodal/tiny", "--set", "n_layers=2", "--max_steps", 6, "--batch_size", 4,
                "--eval_steps", 6, "--eval_batches", 1, "--save_steps", 6, "--sample_steps", 2, "--sample_captions", 1,
                "--sample_guidance_scales", 1, 2, "--no_progress_bar", "--learning_rate", 1e-3]
-
-
-def run_main(main, argv) -> tuple[int, str]:
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        code = main([str(arg) for arg in argv])
-    return code, output.getvalue()
-
-
-def error_of(main, argv, capsys) -> str:
-    capsys.readouterr()
-    assert run_main(main, argv)[0] == 1
-    return capsys.readouterr().err
 
 
 def save_vae(directory: Path, seed: int) -> Path:
@@ -160,5 +146,6 @@ def test_config_takes_the_cache_grid_and_partial_media_overrides(work):
     assert config.media["image"] == {"latent_channels": 4, "latent_height": 8, "latent_width": 8, "patch_size": 2,
                                      "attention": "causal"}
     assert config.n_layers == 1 and config.vocab_size == cache.meta["tokenizer"]["vocab_size"]
+    assert config.media_kinds == ["image"]  # the config's audio entry is left out: the cache holds no clips
     with pytest.raises(ValueError, match="must map each kind"):
         resolve_config("multimodal/tiny", ["media=3"], cache)

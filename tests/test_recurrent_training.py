@@ -59,7 +59,13 @@ def test_evaluation_reports_fixed_depths_and_the_exit_criterion(trained_run):
     recomputed = evaluate_lm(model, [{"input_ids": ids} for ids in val], torch.device("cpu"), (1, 4, 8))
     assert recomputed.keys() == set(metrics)
     for name in metrics:
-        assert recomputed[name] == pytest.approx(logged[name], rel=1e-4), name  # measured: up to 2.3e-5
+        if name == "eval/mean_thinking_steps":
+            # a count of exits: float noise of ~1e-5 in a token's step-to-step distance flips that token's exit at the
+            # threshold (seen: 3.2109 vs 3.2129 when other tests ran first), so allow ~0.3% of the tokens to exit
+            # one step apart
+            assert recomputed[name] == pytest.approx(logged[name], abs=0.01), name
+        else:
+            assert recomputed[name] == pytest.approx(logged[name], rel=1e-4), name  # measured: up to 2.3e-5
     # the exit criterion stops tokens at different depths, short of the maximum
     assert 1 < logged["eval/mean_thinking_steps"] < model.config.recurrent_max_thinking_steps
     losses = {r: logged[f"eval/loss_steps_{r}"] for r in (1, 4, 8)}

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.audio.criteria import mel_l1_loss
-from model.audio.features import log_mel, num_samples, stft
+from model.audio.features import log_mel, magnitude_from_mel, num_samples, stft
 from model.audio.vocoders import (FrequencyDomainVocoder, LightHeadedFrequencyDomainVocoder,
                                   SplitBandFrequencyDomainVocoder, VocoderConfig, VocoderWithLoss, build_vocoder,
                                   model_config_lookup)
@@ -171,6 +172,25 @@ def test_log_magnitude_is_bounded():
     prediction = vocoder.predict(torch.randn(1, 80, 4))
     assert prediction.log_magnitude.max() <= vocoder.config.max_log_magnitude
     assert torch.isfinite(prediction.waveform).all()
+
+
+@pytest.mark.parametrize("name", ["tiny_lightheaded_freq_domain_vocoder", "tiny_splitband_freq_domain_vocoder"])
+def test_magnitude_prior_starts_the_magnitude_at_the_mels_least_squares_inverse(name):
+    """With magnitude_prior the untrained vocoder's log-magnitude is the (bounded) log of magnitude_from_mel; the
+    head then learns a correction: after one gradient step the magnitude moves off the prior."""
+    config = VocoderConfig.from_name(name).with_overrides(["magnitude_prior=true"])
+    vocoder = build_vocoder(config)
+    clip = speech_like(0.25)
+    mel = log_mel(clip, config.features)
+    prior = torch.log(magnitude_from_mel(mel, config.features))
+    bound = config.max_log_magnitude
+    torch.testing.assert_close(vocoder.predict(mel).log_magnitude, bound - F.softplus(bound - prior))
+    plain = build_vocoder(VocoderConfig.from_name(name))
+    assert (plain.predict(mel).log_magnitude - prior).abs().mean() > 1.0  # without the prior it starts elsewhere
+    model = VocoderWithLoss(vocoder)
+    model(mel, clip).losses["total"].backward()
+    torch.optim.SGD(vocoder.parameters(), lr=0.1).step()
+    assert (vocoder.predict(mel).log_magnitude - (bound - F.softplus(bound - prior))).abs().max() > 1e-4
 
 
 def test_config_round_trips_through_yaml_and_a_checkpoint(tmp_path):

@@ -168,6 +168,21 @@ def mel_from_magnitude(magnitude: torch.Tensor, cfg: AudioFeatureConfig) -> torc
         return torch.log(torch.clamp(mel, min=cfg.log_floor))
 
 
+@lru_cache(maxsize=32)
+def mel_pseudo_inverse(cfg: AudioFeatureConfig, device: torch.device) -> torch.Tensor:
+    """The Moore-Penrose inverse of the filterbank's transpose, (n_freqs, n_mels) float32: the minimum-norm
+    least-squares solution that torchaudio's InverseMelScale computes, as one matrix."""
+    return torch.linalg.pinv(mel_filterbank(cfg, torch.device("cpu")).double().T).float().to(device)
+
+
+def magnitude_from_mel(mel: torch.Tensor, cfg: AudioFeatureConfig) -> torch.Tensor:
+    """The least-squares STFT magnitude of a log-mel, floored at log_floor (as InverseMelScale, which clamps at
+    zero): mel (..., n_mels, T) → (..., n_freqs, T) float32."""
+    with torch.autocast(mel.device.type, enabled=False):
+        energies = torch.exp(mel.float())
+        return torch.clamp(torch.matmul(mel_pseudo_inverse(cfg, mel.device), energies), min=cfg.log_floor)
+
+
 def log_mel(waveform: torch.Tensor, cfg: AudioFeatureConfig) -> torch.Tensor:
     """Log-mel spectrogram: waveform (..., S) → float32 (..., n_mels, 1 + S // hop_length)."""
     if waveform.dim() == 0:

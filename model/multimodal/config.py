@@ -22,6 +22,8 @@ from model.diffusion.samplers import SAMPLERS, SAMPLERS_FOR
 from model.diffusion.schedules import SCHEDULES
 from model.multimodal.media import MEDIA_KINDS, check_media_entry
 
+BACKBONES = ("causal", "recurrent")
+
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
@@ -34,10 +36,13 @@ class MultimodalConfig(MegaTransformerConfig):
 
     FAMILIES: ClassVar[tuple] = ("multimodal",)
     CHOICES: ClassVar[dict] = {**CHOICES, "model_family": ("multimodal",), "objective": OBJECTIVES,
-                               "schedule": SCHEDULES, "sampler": SAMPLERS}
+                               "schedule": SCHEDULES, "sampler": SAMPLERS, "backbone": BACKBONES}
 
     model_family: str = "multimodal"
     media: dict = dataclasses.field(default_factory=dict)  # kind -> its span settings (see media.py)
+    # causal: n_layers blocks; recurrent: the recurrent-depth core (n_prelude_layers, n_recurrent_layers iterated,
+    # n_coda_layers and the other recurrent_* keys; n_layers is then unused)
+    backbone: str = "causal"
 
     # the loss: cross-entropy on text + diffusion_loss_weight * diffusion loss on media (Transfusion's lambda)
     diffusion_loss_weight: float = 5.0

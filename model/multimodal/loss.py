@@ -34,12 +34,14 @@ def capped_noise_levels(config, caps: torch.Tensor,
     return alpha, sigma, timesteps.float()
 
 
-def multimodal_loss(model, config, batch: dict,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def multimodal_loss(model, config, batch: dict, generator: torch.Generator | None = None,
+                    num_steps: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Noise each span, run the model once, and combine the losses.
 
     model: the multimodal model or the engine wrapping its forward; config: its MultimodalConfig.
-    generator: on the batch's device, for reproducible noise (None: the global RNG).
+    generator: on the batch's device, for reproducible noise (None: the global RNG). num_steps: the depth of a
+    recurrent backbone (None: the model's default). The batch's optional K_conditions (M, D) condition kind K's
+    spans (audio: speaker embeddings).
     Returns (loss: scalar float32, logs: {"text_loss", "K_loss" (the unweighted mean squared error of kind K),
     "K_noise_level" (mean sigma), "aux_loss"} as detached scalars). A batch with no text targets (or no spans
     of a kind) contributes 0 for that term.
@@ -50,12 +52,13 @@ def multimodal_loss(model, config, batch: dict,
         alpha, sigma, model_timesteps = capped_noise_levels(config, batch[f"{kind}_noise_cap"], generator)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device)
         spans[kind] = MediaSpans(add_noise(x0, noise, alpha, sigma), model_timesteps, batch[f"{kind}_rows"],
-                                 batch[f"{kind}_starts"])
+                                 batch[f"{kind}_starts"], batch.get(f"{kind}_conditions"))
         targets[kind] = training_target(config.objective, x0, noise, alpha, sigma)
         weights[kind] = (torch.ones_like(alpha) if config.min_snr_gamma is None
                          else min_snr_weight(config.objective, alpha, sigma, config.min_snr_gamma))
         logs[f"{kind}_noise_level"] = sigma.mean().detach() if len(x0) else sigma.new_zeros(())
-    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), media=spans)
+    depth = {} if num_steps is None else {"num_steps": num_steps}
+    output = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), media=spans, **depth)
 
     labels = batch["labels"]
     has_text = bool((labels[:, 1:] != -100).any())

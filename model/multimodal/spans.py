@@ -6,6 +6,7 @@
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -17,12 +18,14 @@ class MediaSpans:
     """M spans of one media kind. latents: (M, ...) noisy (or clean) latents, e.g. (M, C, h, w) for images;
     timesteps: (M,) float on the 0..num_train_timesteps scale (0 for clean media); rows: (M,) long, the batch row
     of each span; starts: (M,) long, the position of its first latent position within the T new positions (the
-    position right after its begin token)."""
+    position right after its begin token); condition: (M, D) the spans' conditioning vectors (audio: speaker
+embeddings) or None."""
 
     latents: torch.Tensor
     timesteps: torch.Tensor
     rows: torch.Tensor
     starts: torch.Tensor
+    condition: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.latents.shape[0]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from model.audio.features import istft
+from model.audio.features import istft, magnitude_from_mel
 from model.audio.vocoders.backbone import ConvNeXtBackbone
 from model.audio.vocoders.config import VocoderConfig
 from model.audio.vocoders.heads import SpectralHead, SplitBandSpectralHead
@@ -28,7 +28,8 @@ class VocoderPrediction(NamedTuple):
 
 
 class FrequencyDomainVocoderBase(nn.Module, ABC):
-    """The shared generator; subclasses choose the spectral head.
+    """The shared generator; subclasses choose the spectral head. With config.magnitude_prior the magnitude head
+    starts at zero and learns a log-correction to the mel's least-squares magnitude (features.magnitude_from_mel).
 
     forward(mel (B, n_mels, T)) → (waveform (B, (T - 1) * hop_length), stft (B, n_fft // 2 + 1, T) complex).
     Works with float32 or bfloat16 weights: the mel is cast to the weights' dtype, and the heads' outputs
@@ -41,6 +42,8 @@ class FrequencyDomainVocoderBase(nn.Module, ABC):
         self.features = config.features
         self.backbone = ConvNeXtBackbone(config.n_mels, config.dim, config.intermediate_dim, config.n_layers)
         self.head = self.build_head(config)
+        if config.magnitude_prior:
+            self.head.zero_magnitude_output()
 
     @abstractmethod
     def build_head(self, config: VocoderConfig) -> nn.Module:
@@ -62,7 +65,8 @@ class FrequencyDomainVocoderBase(nn.Module, ABC):
             raise ValueError(f"vocoder expects a log-mel (B, n_mels={self.config.n_mels}, T >= 2), "
                              f"got shape {tuple(mel.shape)}")
         hidden = self.backbone(mel.to(self.backbone.embed.weight.dtype))
-        log_magnitude, real, imag = self.head(hidden)
+        prior = torch.log(magnitude_from_mel(mel, self.features)) if self.config.magnitude_prior else None
+        log_magnitude, real, imag = self.head(hidden, prior)
         # magnitude · (real + i imag) / |real + i imag|: the polar form without cos/sin (cheaper in backward)
         scale = torch.exp(log_magnitude) * torch.rsqrt(real.square() + imag.square() + 1e-12)
         return log_magnitude, real, imag, torch.complex(real * scale, imag * scale)

@@ -46,6 +46,9 @@ class VocoderConfig(YamlConfig):
     head_dim: Optional[int] = None  # bottleneck width of the heads (lightheaded: required; splitband: optional)
     split_frequency: float = 4000.0  # Hz between the low and high band heads (splitband)
     max_log_magnitude: float = 6.0  # smooth upper bound of the predicted log-magnitude (exp(6) ≈ 403)
+    # the magnitude head predicts a log-correction to the least-squares inverse of the mel filterbank (the
+    # magnitude Griffin-Lim starts from) instead of the whole log-magnitude
+    magnitude_prior: bool = False
 
     # reconstruction losses
     mel_loss_weight: float = 45.0

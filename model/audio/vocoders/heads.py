@@ -32,11 +32,22 @@ class SpectralHead(nn.Module):
     def __init__(self, dim: int, n_bins: int, max_log_magnitude: float, head_dim: Optional[int] = None):
         super().__init__()
         self.max_log_magnitude = max_log_magnitude
+        self.magnitude_bins = n_bins
         self.magnitude = _projection(dim, n_bins, head_dim)
         self.phase = _projection(dim, 2 * n_bins, head_dim)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def zero_magnitude_output(self) -> None:
+        """Start the magnitude head at exactly zero output (its last layer zeroed): with a prior, at the prior."""
+        last = self.magnitude[-1] if isinstance(self.magnitude, nn.Sequential) else self.magnitude
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+    def forward(self, hidden: torch.Tensor, log_magnitude_prior: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log_magnitude_prior: (B, n_bins, T) added to the magnitude head's output (before the bound), or None."""
         raw = self.magnitude(hidden).float().transpose(1, 2)
+        if log_magnitude_prior is not None:
+            raw = raw + log_magnitude_prior
         # smooth min(raw, bound): ≈ raw well below the bound, never above it, gradient never exactly zero
         log_magnitude = self.max_log_magnitude - F.softplus(self.max_log_magnitude - raw)
         real, imag = self.phase(hidden).float().transpose(1, 2).chunk(2, dim=1)
@@ -57,5 +68,14 @@ class SplitBandSpectralHead(nn.Module):
         self.low = SpectralHead(dim, split_bin, max_log_magnitude, head_dim)
         self.high = SpectralHead(dim, n_freqs - split_bin, max_log_magnitude, head_dim)
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return tuple(torch.cat([low, high], dim=1) for low, high in zip(self.low(hidden), self.high(hidden)))
+    def zero_magnitude_output(self) -> None:
+        self.low.zero_magnitude_output()
+        self.high.zero_magnitude_output()
+
+    def forward(self, hidden: torch.Tensor, log_magnitude_prior: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        split = self.low.magnitude_bins
+        low_prior, high_prior = (None, None) if log_magnitude_prior is None else \
+            (log_magnitude_prior[:, :split], log_magnitude_prior[:, split:])
+        return tuple(torch.cat([low, high], dim=1)
+                     for low, high in zip(self.low(hidden, low_prior), self.high(hidden, high_prior)))
