@@ -12,7 +12,8 @@ encoder, speaker encoder and (for a latent DiT) the audio VAE are the ones the r
 (checkpoint-STEP/diffusion_meta.json); --vae_checkpoint points at the VAE if it has moved. --speaker is a recording
 of the voice to imitate (any rate, mixed to mono), embedded by the run's speaker encoder. The length is --seconds,
 or by default the prompt's text tokens times the mel frames per token of the training data. The same --seed gives
-the same audio. --save_mel also writes the generated log-mel (torch.save, (n_mels, T)) beside the wav.
+the same audio. --save_mel also writes the generated log-mel (torch.save, (n_mels, T)) beside the wav. An empty
+--prompt "" with --seconds conditions on the text encoder's encoding of no words (bench/speech_judges.py's floor).
 """
 
 import argparse
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", help="a run of pretrain_audio_diffusion.py (its newest checkpoint)")
     parser.add_argument("--checkpoint", help="a checkpoint directory, or its name inside --run_dir")
-    parser.add_argument("--prompt", required=True, help="the text to speak")
+    parser.add_argument("--prompt", required=True, help="the text to speak (\"\" with --seconds: no words)")
     parser.add_argument("--speaker", help="a reference recording of the voice (needed by speaker-conditioned runs)")
     parser.add_argument("--vocoder_checkpoint", required=True, help="a pretrain_vocoder.py checkpoint directory")
     parser.add_argument("--output", default="generated.wav", help="the wav file to write")
@@ -69,8 +70,9 @@ def read_speaker(path) -> tuple[torch.Tensor, int]:
 
 
 def check_arguments(args) -> None:
-    if not args.prompt.strip():
-        raise ValueError("--prompt is empty: give the text to speak")
+    if not args.prompt.strip() and args.seconds is None:
+        raise ValueError("--prompt is empty: give the text to speak (an empty prompt, speech conditioned on no "
+                         "words, also needs --seconds)")
     if args.seconds is not None and args.seconds <= 0:
         raise ValueError(f"--seconds must be positive, got {args.seconds}")
     if args.steps is not None and args.steps < 1:

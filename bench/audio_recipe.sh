@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# Recipe: text-to-speech on builtin:phrases on a CPU, end to end with no download:
-# vocoder cache (builtin:speech) -> vocoder -> utterance caches (builtin:phrases, builtin:words, resemblyzer) ->
-# audio VAE -> DiT over its latents -> one wav per held-out prompt and speaker (generate_audio.py).
+# Recipe: text-to-speech on builtin:phrases on a CPU, end to end with no download, judged by independent judges:
+# vocoder cache (builtin:speech, flite voices) -> vocoder -> utterance caches (builtin:phrases, builtin:words,
+# resemblyzer) -> audio VAE -> DiT over its latents -> the VAE through the vocoder (bench/audio_vae_quality.py:
+# mel L1, PESQ/STOI against the vocoder on the real mel) -> speech for held-out prompts judged by pocketsphinx and a
+# speaker judge against the real recordings (ceiling) and an empty prompt (floor) (bench/speech_judges.py).
 #
-#   bench/audio_recipe.sh              # the full recipe (sizes not tuned yet: see bench/RESULTS.md)
+#   bench/audio_recipe.sh              # the full recipe (sizes: see bench/RESULTS.md)
 #   DRY_RUN=1 bench/audio_recipe.sh    # a few steps per stage, to check the plumbing (a few minutes)
 #   VOCODER_CHECKPOINT=runs/vocoder_run/checkpoint-300 bench/audio_recipe.sh   # reuse a trained vocoder
 #
-# Every stage prints its wall time. The stage sizes are environment variables (VAE_STEPS=2000 ...).
-# Re-running replaces the runs and caches of the same names. The judges of the issue (pocketsphinx WER on the
-# held-out prompts, a speaker judge) are not part of this script yet.
+# Every stage prints its wall time. The stage sizes are environment variables (VAE_STEPS=2000 ...). A vocoder of
+# its own is trained on builtin:speech's flite voices, builtin:phrases' speakers (other sentences), unless
+# VOCODER_CHECKPOINT names one. Re-running replaces the runs and caches of the same names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,11 +20,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     NAME=phrases_dry TRAIN_ITEMS=${TRAIN_ITEMS:-32} VAL_ITEMS=${VAL_ITEMS:-8} VOCODER_ITEMS=${VOCODER_ITEMS:-16}
     VOCODER_STEPS=${VOCODER_STEPS:-4} VAE_STEPS=${VAE_STEPS:-4} DIT_STEPS=${DIT_STEPS:-4} SAMPLE_STEPS=${SAMPLE_STEPS:-2}
-    PROMPTS=${PROMPTS:-2}
+    JUDGE_ITEMS=${JUDGE_ITEMS:-4} CENTROID_ITEMS=${CENTROID_ITEMS:-16}
 else
     NAME=phrases TRAIN_ITEMS=${TRAIN_ITEMS:-2000} VAL_ITEMS=${VAL_ITEMS:-200} VOCODER_ITEMS=${VOCODER_ITEMS:-1000}
     VOCODER_STEPS=${VOCODER_STEPS:-3000} VAE_STEPS=${VAE_STEPS:-2000} DIT_STEPS=${DIT_STEPS:-5000}
-    SAMPLE_STEPS=${SAMPLE_STEPS:-25} PROMPTS=${PROMPTS:-8}
+    SAMPLE_STEPS=${SAMPLE_STEPS:-25} JUDGE_ITEMS=${JUDGE_ITEMS:-64} CENTROID_ITEMS=${CENTROID_ITEMS:-200}
 fi
 DATA=cached_datasets/${NAME}
 OFFLINE=(--text_encoder builtin:words --speaker_encoder resemblyzer --overwrite)
@@ -41,10 +43,10 @@ stage() {  # stage NAME COMMAND...: run it and print its wall time
 
 if [[ ! -d "$VOCODER_CHECKPOINT" ]]; then
     stage "vocoder caches (builtin:speech, ${VOCODER_ITEMS} utterances)" bash -c "
-        $PYTHON preprocess_vocoder_dataset.py --dataset_name builtin:speech --split train --num_items $VOCODER_ITEMS \
-            --output_dir ${DATA}_vocoder_train --overwrite &&
-        $PYTHON preprocess_vocoder_dataset.py --dataset_name builtin:speech --split validation --num_items 8 \
-            --output_dir ${DATA}_vocoder_val --overwrite"
+        $PYTHON preprocess_vocoder_dataset.py --dataset_name builtin:speech --voices flite --split train \
+            --num_items $VOCODER_ITEMS --output_dir ${DATA}_vocoder_train --overwrite &&
+        $PYTHON preprocess_vocoder_dataset.py --dataset_name builtin:speech --voices flite --split validation \
+            --num_items 8 --output_dir ${DATA}_vocoder_val --overwrite"
     stage "vocoder (${VOCODER_STEPS} steps)" \
         $PYTHON pretrain_vocoder.py --run_name "$VOCODER_RUN" --vocoder_type tiny_lightheaded_freq_domain_vocoder \
             --train_data_dir "${DATA}_vocoder_train" --val_data_dir "${DATA}_vocoder_val" --max_steps "$VOCODER_STEPS" \
@@ -72,29 +74,13 @@ stage "DiT over the VAE's latents (${DIT_STEPS} steps)" \
         --max_steps "$DIT_STEPS" --batch_size 32 --learning_rate 5e-4 --eval_steps "$DIT_STEPS" --eval_batches 4 \
         --save_steps "$DIT_STEPS" --save_total_limit 1 --sample_steps "$SAMPLE_STEPS" --no_progress_bar --overwrite_run
 
-generate() {  # one wav per held-out prompt, each in one of the corpus' voices
-    local out=runs/${DIT_RUN}/speech
-    mkdir -p "$out"
-    "$PYTHON" - "$PROMPTS" "$out" <<'EOF'
-import sys
-import soundfile
-from data.builtin_phrases import SPEAKERS, prompts_of
-from data.builtin_speech import Utterance, synthesize
-count, out = int(sys.argv[1]), sys.argv[2]
-with open(f"{out}/prompts.tsv", "w") as listing:
-    for index, prompt in enumerate(prompts_of("validation")[:count]):
-        voice, pitch, speed = SPEAKERS[index % len(SPEAKERS)]
-        samples, rate = synthesize(Utterance("ref", voice, speed, pitch, "A sentence in my own voice."))
-        soundfile.write(f"{out}/ref-{index}.wav", samples, rate)
-        listing.write(f"{index}\t{voice}\t{prompt}\n")
-EOF
-    while IFS=$'\t' read -r index voice prompt; do
-        "$PYTHON" generate_audio.py --run_dir "runs/$DIT_RUN" --prompt "$prompt" --speaker "$out/ref-$index.wav" \
-            --vocoder_checkpoint "$VOCODER_CHECKPOINT" --steps "$SAMPLE_STEPS" --seed "$index" \
-            --output "$out/$index-${voice}-${prompt// /_}.wav"
-    done < "$out/prompts.tsv"
-}
-stage "speech for ${PROMPTS} held-out prompts" generate
+stage "the VAE through the vocoder (${JUDGE_ITEMS} validation utterances)" \
+    $PYTHON bench/audio_vae_quality.py --vae_checkpoint "runs/${VAE_RUN}/checkpoint-${VAE_STEPS}" \
+        --vocoder_checkpoint "$VOCODER_CHECKPOINT" --cache_dir "${DATA}_val" --max_items "$JUDGE_ITEMS"
+
+stage "judges: ${JUDGE_ITEMS} held-out prompts, real vs generated vs empty prompt" \
+    $PYTHON bench/speech_judges.py --run_dir "runs/$DIT_RUN" --vocoder_checkpoint "$VOCODER_CHECKPOINT" \
+        --num_items "$JUDGE_ITEMS" --centroid_items "$CENTROID_ITEMS" --steps "$SAMPLE_STEPS"
 
 echo
-echo "recipe done in $((SECONDS - started)) s: runs/$VAE_RUN, runs/$DIT_RUN, runs/$DIT_RUN/speech/"
+echo "recipe done in $((SECONDS - started)) s: runs/$VAE_RUN, runs/$DIT_RUN, runs/$DIT_RUN/speech_judges/"

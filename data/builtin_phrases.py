@@ -3,8 +3,10 @@
 Every prompt is "<colour> <object> <digit>" ("red box seven"): 8 x 8 x 10 = 640 prompts of 26 words. A prompt's
 split is fixed by a hash of its text (data/builtin_speech.py's hash_fraction): prompts below `val_fraction` (10%)
 are validation prompts and never occur in train, so generation is judged on prompts the model has not heard.
-Utterance k of a split is fixed by (seed, split, k) alone: one of the split's prompts and one of SPEAKERS (voices
-of builtin:speech, each with its own base pitch and rate), spoken by data/builtin_speech.py's synthesize.
+Utterance k of a split is fixed by (seed, split, k) alone: one of the split's prompts and one of SPEAKERS (the four
+flite voices of builtin:speech, the voice name being the speaker id) at the voice's base rate ± RATE_JITTER words per
+minute, spoken by data/builtin_speech.py's synthesize (16 kHz). flite's voices are far closer to natural speech than
+espeak-ng's: pocketsphinx restricted to the corpus grammar transcribes all four without error (bench/RESULTS.md).
 
     records = phrase_records("train", num_items=2000)       # AudioRecords (data/audio_sources.py), decoded later
 """
@@ -19,8 +21,8 @@ BUILTIN_PHRASES_NAME = "builtin:phrases"
 COLOURS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
 OBJECTS = ("box", "ball", "cup", "hat", "shoe", "book", "key", "door")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# (espeak-ng voice, base pitch, words per minute): four voices of builtin:speech that are far apart
-SPEAKERS = (("en-us", 45, 150), ("en-gb-x-rp+f4", 70, 160), ("en-gb-scotland", 50, 145), ("en-us+m3", 30, 155))
+SPEAKERS = (("kal16", 150), ("awb", 160), ("rms", 155), ("slt", 165))  # (flite voice, base words per minute)
+RATE_JITTER = 10
 DEFAULT_ITEMS = {"train": 2000, "validation": 200}
 DEFAULT_VAL_FRACTION = 0.1
 SPLITS = {"train": "train", "validation": "validation", "val": "validation"}
@@ -50,14 +52,14 @@ def phrase_utterances(split: str, num_items: int | None = None, val_fraction: fl
         raise ValueError(f"--num_items must be positive, got {count}")
     for index in range(count):
         rng = random.Random(f"{seed}:{name}:{index}")
-        voice, pitch, speed = rng.choice(SPEAKERS)
-        yield Utterance(key=f"phrase-{name}-{index:06d}", voice=voice, speed=speed + rng.randint(-5, 5),
-                        pitch=min(99, max(0, pitch + rng.randint(-3, 3))), text=rng.choice(prompts))
+        voice, speed = rng.choice(SPEAKERS)
+        yield Utterance(key=f"phrase-{name}-{index:06d}", voice=voice,
+                        speed=speed + rng.randint(-RATE_JITTER, RATE_JITTER), pitch=None, text=rng.choice(prompts))
 
 
 def phrase_records(split: str, num_items: int | None = None, val_fraction: float = DEFAULT_VAL_FRACTION,
                    seed: int = 0) -> Iterator[AudioRecord]:
-    """AudioRecords of phrase_utterances (synthesised when decoded; espeak-ng is checked now)."""
-    require_synthesisers(voice for voice, _, _ in SPEAKERS)
+    """AudioRecords of phrase_utterances (synthesised when decoded; flite is checked now)."""
+    require_synthesisers(voice for voice, _ in SPEAKERS)
     return (AudioRecord(item.key, speaker=item.voice, text=item.text, utterance=item)
             for item in phrase_utterances(split, num_items, val_fraction, seed))

@@ -21,6 +21,7 @@ import generate_audio
 import preprocess_audio_diffusion_dataset
 import pretrain_audio_diffusion
 import pretrain_audio_vae
+from bench import audio_vae_quality
 from data.builtin_phrases import phrase_utterances, prompts_of
 from data.builtin_speech import synthesize
 from data.sharded_cache import ShardedCache
@@ -30,8 +31,9 @@ from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from model.pretrained import unique_tensors
 from model.text_encoders import BuiltinWordEncoder
 
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None,
-                                reason="espeak-ng is not installed (apt-get install espeak-ng)")
+pytestmark = pytest.mark.skipif(shutil.which("flite") is None or shutil.which("espeak-ng") is None,
+                                reason="needs flite (builtin:phrases) and espeak-ng (builtin:speech): "
+                                       "apt-get install flite espeak-ng")
 OFFLINE = ["--text_encoder", "builtin:words", "--speaker_encoder", "resemblyzer", "--num_workers", "0"]
 TINY_RUN = ["--device", "cpu", "--batch_size", "4", "--eval_batches", "1", "--logging_steps", "1",
             "--no_progress_bar"]
@@ -106,6 +108,13 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
     assert {"train/reconstruction", "train/kl", "train/adversarial", "eval/mel_l1", "eval/mel_mse"} <= tags["scalars"]
     assert "samples/clip0/mel" in tags["images"]
     assert {"samples/clip0/vocoded_original", "samples/clip0/vocoded_reconstruction"} <= tags["audio"]
+    code, printed = run_main(audio_vae_quality.main, [  # the VAE heard through the vocoder, on whole utterances
+        "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint", vocoder_dir, "--cache_dir", val_dir,
+        "--max_items", "2", "--device", "cpu", "--output_json", tmp_path / "vae_quality.json"])
+    assert code == 0 and "mel L1 (VAE vs real mel)" in printed
+    quality = json.loads((tmp_path / "vae_quality.json").read_text())
+    assert len(quality["clips"]) == 2 and quality["summary"]["mel_l1"]["mean"] > 0
+    assert all(clip["pesq"] is None or -0.5 <= clip["pesq"] <= 4.65 for clip in quality["clips"])
     code, report = run_main(pretrain_audio_diffusion.main, [
         "--run_name", "dit", "--runs_dir", runs, "--diffusion_type", "tiny_dit", "--train_data_dir", train_dir,
         "--val_data_dir", val_dir, "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint",
@@ -133,7 +142,7 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the same seed gives the same audio
 
 
-def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path):
+def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path, capsys):
     train_dir, val_dir = caches
     runs = tmp_path / "runs"
     code, report = run_main(pretrain_audio_diffusion.main, [
@@ -152,6 +161,12 @@ def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path)
         vocoder_dir, "--output", tmp_path / "out.wav", "--steps", "1", "--device", "cpu"])
     assert code == 0
     assert f"({round(4 * per_token)} mel frames)" in printed  # 3 words + the end token
+    common = ["--run_dir", runs / "mel", "--prompt", "", "--speaker", reference, "--vocoder_checkpoint", vocoder_dir,
+              "--output", tmp_path / "empty.wav", "--steps", "1", "--device", "cpu"]
+    code, printed = run_main(generate_audio.main, [*common, "--seconds", "0.5"])  # the floor of bench/speech_judges.py
+    assert code == 0 and "(32 mel frames) for ''" in printed  # 1 + 8000 // 256
+    assert run_main(generate_audio.main, common)[0] == 1
+    assert "--prompt is empty" in capsys.readouterr().err
 
 
 def test_corrupt_audio_and_empty_transcripts_are_counted_and_skipped(tmp_path):

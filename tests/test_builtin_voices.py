@@ -1,6 +1,7 @@
 """builtin:speech's voices: espeak-ng's and flite's, picked by --voices (names and groups), the speaker being the
 voice name; the default voices keep the corpus of espeak-ng alone; flite's speaking rate follows the utterance's
-speed; a missing synthesiser is a clear error that names the package and the installed voices."""
+speed; a missing synthesiser is a clear error that names the package and the installed voices. builtin:phrases speaks
+flite's four voices at varied rates, deterministically, and holds its validation prompts out of train."""
 
 import dataclasses
 import json
@@ -10,6 +11,8 @@ import pytest
 
 import preprocess_vocoder_dataset
 from data.audio_sources import AudioSource, rms_db
+from data.builtin_phrases import RATE_JITTER, phrase_records, phrase_utterances, prompts_of
+from data.builtin_phrases import SPEAKERS as PHRASE_SPEAKERS
 from data.builtin_speech import (DEFAULT_VOICES, ESPEAK_VOICES, FLITE_VOICES, SPEAKERS, SpeechUnavailableError,
                                  iter_utterances, parse_voices, synthesize, utterance)
 from data.sharded_cache import ShardedCache
@@ -64,6 +67,21 @@ def test_voices_errors(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "out").exists()
     with pytest.raises(SpeechUnavailableError, match="apt-get install flite"):
         synthesize(utterance(0, 0, ("rms",)))
+
+
+def test_builtin_phrases_speak_the_flite_voices_at_varied_rates(monkeypatch):
+    train = list(phrase_utterances("train", 200))
+    assert train == list(phrase_utterances("train", 200)) and train[:5] != list(phrase_utterances("train", 5, seed=1))
+    assert {item.voice for item in train} == set(FLITE_VOICES) and all(item.pitch is None for item in train)
+    base_rate = dict(PHRASE_SPEAKERS)
+    offsets = {item.speed - base_rate[item.voice] for item in train}
+    assert offsets <= set(range(-RATE_JITTER, RATE_JITTER + 1)) and len(offsets) > RATE_JITTER
+    held_out = set(prompts_of("validation"))
+    assert {item.text for item in phrase_utterances("validation", 50)} <= held_out
+    assert not {item.text for item in train} & held_out
+    monkeypatch.setattr("data.builtin_speech.shutil.which", lambda name: None if name == "flite" else f"/bin/{name}")
+    with pytest.raises(SpeechUnavailableError, match="kal16, awb, rms, slt need flite.*apt-get install flite"):
+        phrase_records("train", 2)
 
 
 @needs_flite
