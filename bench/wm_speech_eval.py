@@ -20,7 +20,6 @@ OUTPUT_DIR/wm_speech_eval.json (default <run dir>/wm_speech_eval/).
 
 import argparse
 import json
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -36,19 +35,7 @@ from data.sharded_cache import ShardedCache  # noqa: E402
 from model.multimodal.generation import caption_media, text_to_media  # noqa: E402
 from training.checkpoints import checkpoint_from_args  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
-
-WORD = re.compile(r"[a-z0-9']+")
-
-
-def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
-    """(substitutions + deletions + insertions, reference words), lower-cased words, by edit distance."""
-    ref, hyp = WORD.findall(reference.lower()), WORD.findall(hypothesis.lower())
-    row = list(range(len(hyp) + 1))
-    for i, word in enumerate(ref, 1):
-        previous, row[0] = row[0], i
-        for j, other in enumerate(hyp, 1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (word != other))
-    return row[-1], len(ref)
+from training.speech_judges import word_errors  # noqa: E402
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:
