@@ -23,7 +23,7 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     JUDGE_ITEMS=${JUDGE_ITEMS:-4} CENTROID_ITEMS=${CENTROID_ITEMS:-16}
 else
     NAME=phrases TRAIN_ITEMS=${TRAIN_ITEMS:-2000} VAL_ITEMS=${VAL_ITEMS:-200} VOCODER_ITEMS=${VOCODER_ITEMS:-1000}
-    VOCODER_STEPS=${VOCODER_STEPS:-3000} VAE_STEPS=${VAE_STEPS:-2000} DIT_STEPS=${DIT_STEPS:-5000}
+    VOCODER_STEPS=${VOCODER_STEPS:-5000} VAE_STEPS=${VAE_STEPS:-2000} DIT_STEPS=${DIT_STEPS:-5000}
     SAMPLE_STEPS=${SAMPLE_STEPS:-25} JUDGE_ITEMS=${JUDGE_ITEMS:-64} CENTROID_ITEMS=${CENTROID_ITEMS:-200}
 fi
 DATA=cached_datasets/${NAME}
@@ -31,15 +31,7 @@ OFFLINE=(--text_encoder builtin:words --speaker_encoder resemblyzer --overwrite)
 VAE_RUN=${NAME}_vae DIT_RUN=${NAME}_dit VOCODER_RUN=${NAME}_vocoder
 VOCODER_CHECKPOINT=${VOCODER_CHECKPOINT:-runs/${VOCODER_RUN}/checkpoint-${VOCODER_STEPS}}
 
-started=$SECONDS
-stage() {  # stage NAME COMMAND...: run it and print its wall time
-    local name=$1 begin=$SECONDS
-    shift
-    echo
-    echo "=== ${name}"
-    "$@"
-    echo "=== ${name}: $((SECONDS - begin)) s (total $((SECONDS - started)) s)"
-}
+source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
 if [[ ! -d "$VOCODER_CHECKPOINT" ]]; then
     stage "vocoder caches (builtin:speech, ${VOCODER_ITEMS} utterances)" bash -c "
@@ -48,7 +40,7 @@ if [[ ! -d "$VOCODER_CHECKPOINT" ]]; then
         $PYTHON preprocess_vocoder_dataset.py --dataset_name builtin:speech --voices flite --split validation \
             --num_items 8 --output_dir ${DATA}_vocoder_val --overwrite"
     stage "vocoder (${VOCODER_STEPS} steps)" \
-        $PYTHON pretrain_vocoder.py --run_name "$VOCODER_RUN" --vocoder_type tiny_lightheaded_freq_domain_vocoder \
+        $PYTHON pretrain_vocoder.py --run_name "$VOCODER_RUN" --vocoder_type tiny_freq_domain_vocoder --learning_rate 2e-3 \
             --train_data_dir "${DATA}_vocoder_train" --val_data_dir "${DATA}_vocoder_val" --max_steps "$VOCODER_STEPS" \
             --eval_steps "$VOCODER_STEPS" --eval_batches 2 --save_steps "$VOCODER_STEPS" --save_total_limit 1 \
             --no_progress_bar --overwrite_run

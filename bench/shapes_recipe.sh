@@ -34,15 +34,7 @@ VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64]" --set latent_ch
 DIT_FLAGS=(--diffusion_type tiny_dit --set hidden_size=128 --set depth=4 --ema_decay 0.999 --batch_size 64
            --learning_rate 5e-4)
 
-started=$SECONDS
-stage() {  # stage NAME COMMAND...: run it and print its wall time
-    local name=$1 begin=$SECONDS
-    shift
-    echo
-    echo "=== ${name}"
-    "$@"
-    echo "=== ${name}: $((SECONDS - begin)) s (total $((SECONDS - started)) s)"
-}
+source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
 stage "image caches (${TRAIN_IMAGES} train, ${VAL_IMAGES} validation, ${SIZE}x${SIZE})" bash -c "
     $PYTHON preprocess_image_vae_dataset.py --dataset_name builtin:shapes --image_size $SIZE --split train \

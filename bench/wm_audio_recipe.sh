@@ -45,15 +45,7 @@ OFFLINE=(--text_encoder builtin:words --speaker_encoder resemblyzer --overwrite)
 VOCODER_FLAGS=()
 [[ -n "${VOCODER_CHECKPOINT:-}" ]] && VOCODER_FLAGS=(--vocoder_checkpoint "$VOCODER_CHECKPOINT")
 
-started=$SECONDS
-stage() {  # stage NAME COMMAND...: run it and print its wall time
-    local name=$1 begin=$SECONDS
-    shift
-    echo
-    echo "=== ${name}"
-    "$@"
-    echo "=== ${name}: $((SECONDS - begin)) s (total $((SECONDS - started)) s)"
-}
+source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
 stage "utterance caches (builtin:phrases: ${TRAIN_ITEMS} train, ${VAL_ITEMS} validation)" bash -c "
     $PYTHON preprocess_audio_diffusion_dataset.py --dataset_name builtin:phrases --split train \

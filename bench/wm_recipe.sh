@@ -33,15 +33,7 @@ VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64]" --set latent_ch
 WM_FLAGS=(--config multimodal/tiny --set "media={image: {attention: ${ATTENTION}}}"
           --batch_size ${WM_BATCH:-32} --learning_rate ${WM_LR:-1e-3})
 
-started=$SECONDS
-stage() {  # stage NAME COMMAND...: run it and print its wall time
-    local name=$1 begin=$SECONDS
-    shift
-    echo
-    echo "=== ${name}"
-    "$@"
-    echo "=== ${name}: $((SECONDS - begin)) s (total $((SECONDS - started)) s)"
-}
+source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
 if [[ -z "${VAE_CHECKPOINT:-}" ]]; then
     VAE_CHECKPOINT=runs/${NAME}_vae/checkpoint-${VAE_STEPS}
