@@ -4,7 +4,8 @@
 # -> vocoder -> evaluate_vocoder.py on new sentences of the training voices, on the held-out voices and on
 # inference/examples, each beside Griffin-Lim (64 iterations) on the same mels. Nothing is downloaded.
 #
-#   bench/vocoder_recipe.sh                  # the tiny vocoder: runs/vocoder_recipe_tiny
+#   bench/vocoder_recipe.sh                  # the tiny vocoder, 15000 steps (25 minutes on one core of a 2-core
+#                                            # Xeon): runs/vocoder_recipe_tiny
 #   SIZE=small bench/vocoder_recipe.sh       # the small (Vocos-sized) vocoder: runs/vocoder_recipe_small
 #   DRY_RUN=1 bench/vocoder_recipe.sh        # a few steps, to check the plumbing (a few minutes)
 #
@@ -20,7 +21,8 @@ SIZE=${SIZE:-tiny}
 TRAIN_VOICES=en-us,en-gb,en-gb-scotland,en-gb-x-rp,en-029,en-us+f3,en+f2,en-gb-x-rp+f4,en-us+m3,en-029+f1,kal16,awb,slt
 HELD_OUT_VOICES=en-us-nyc,en-gb-scotland+f3,rms
 case "$SIZE" in
-    tiny) CONFIG=tiny_freq_domain_vocoder STEPS=${STEPS:-5000} BATCH=${BATCH:-8} LR=${LR:-2e-3} ;;
+    tiny) CONFIG=tiny_freq_domain_vocoder STEPS=${STEPS:-15000} BATCH=${BATCH:-8} LR=${LR:-2e-3} ;;
+    # small: not run yet (about 90 minutes on this CPU by the estimate); its steps and lr are a first guess
     small) CONFIG=small_freq_domain_vocoder STEPS=${STEPS:-6000} BATCH=${BATCH:-8} LR=${LR:-1e-3} ;;
     *) echo "SIZE must be tiny or small, got $SIZE" >&2; exit 2 ;;
 esac
@@ -32,15 +34,7 @@ fi
 DATA=cached_datasets/${NAME}
 RUN=${NAME}_${SIZE}
 
-started=$SECONDS
-stage() {  # stage NAME COMMAND...: run it and print its wall time
-    local name=$1 begin=$SECONDS
-    shift
-    echo
-    echo "=== ${name}"
-    "$@"
-    echo "=== ${name}: $((SECONDS - begin)) s (total $((SECONDS - started)) s)"
-}
+source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
 cache() {  # cache DIR SPLIT VOICES ITEMS: a builtin:speech vocoder cache, unless one is there already
     if [[ -f "$1/meta.json" && "${OVERWRITE_CACHES:-0}" != 1 ]]; then
