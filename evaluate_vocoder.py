@@ -26,12 +26,9 @@ for the STFTs) is skipped for that metric and counted, with the reason.
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
-import pesq
-import pystoi
 import torch
 import torchaudio
 
@@ -41,48 +38,14 @@ from data.vocoder_cache import MADE_BY, check_cache_features
 from model.audio.criteria import MultiResolutionSTFTLoss
 from model.audio.griffin_lim import GriffinLimVocoder
 from model.pretrained import load_pretrained
-from training.audio_metrics import min_metric_samples, reconstruction_metrics, synthesize
+from training.audio_metrics import (PESQ_RATE, MetricSkipped, min_metric_samples, pesq_wideband, reconstruction_metrics,
+                                    stoi_score, synthesize)
 from training.checkpoints import add_checkpoint_arguments, checkpoint_from_args
 from training.distributed import choose_device
 
-PESQ_RATE = 16000
 METRICS = (("pesq", "PESQ (wideband)"), ("stoi", "STOI"), ("mel_l1", "mel L1"), ("mrstft", "MR-STFT distance"),
            ("rtf", "real-time factor"))
 BASELINES = ("griffin_lim",)
-
-
-class MetricSkipped(Exception):
-    """A metric that cannot be computed for a clip; the message says why."""
-
-
-def _check_not_silent(reference: torch.Tensor, metric: str) -> None:
-    if not bool(reference.abs().max() > 0):
-        raise MetricSkipped(f"{metric}: silent reference clip")
-
-
-def pesq_wideband(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
-    """Wideband PESQ of degraded against reference, both (S,) at sample_rate (resampled to 16 kHz when it
-    differs). MetricSkipped when PESQ rejects the clip (no utterance found, too short)."""
-    _check_not_silent(reference, "pesq")
-    if sample_rate != PESQ_RATE:
-        reference, degraded = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (reference, degraded))
-    try:
-        return float(pesq.pesq(PESQ_RATE, reference.numpy().astype(np.float32), degraded.numpy().astype(np.float32),
-                               "wb"))
-    except pesq.PesqError as error:
-        raise MetricSkipped(f"pesq: {type(error).__name__}") from error
-
-
-def stoi_score(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
-    """STOI of degraded against reference, both (S,) at sample_rate (pystoi resamples to 10 kHz itself).
-    MetricSkipped when fewer than 30 frames of speech remain after pystoi drops the silent ones."""
-    _check_not_silent(reference, "stoi")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = pystoi.stoi(reference.numpy().astype(np.float64), degraded.numpy().astype(np.float64), sample_rate)
-    if any("Not enough STFT frames" in str(warning.message) for warning in caught):
-        raise MetricSkipped("stoi: fewer than 30 frames of speech")
-    return float(value)
 
 
 def evaluate_clips(vocoder, cache, max_items, device: torch.device) -> tuple[list, dict]:

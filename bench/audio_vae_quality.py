@@ -24,11 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from evaluate_vocoder import MetricSkipped, pesq_wideband, stoi_score  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
 from model.audio.pipeline import load_audio_vae_checkpoint  # noqa: E402
 from model.pretrained import load_pretrained  # noqa: E402
-from training.audio_metrics import synthesize  # noqa: E402
+from training.audio_metrics import MetricSkipped, pesq_wideband, stoi_score, synthesize  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
 
 FEATURE_KEYS = ("sample_rate", "n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max")

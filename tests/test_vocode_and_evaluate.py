@@ -22,9 +22,9 @@ import pretrain_vocoder
 import vocode
 from data.audio_folder import folder_clips
 from data.sharded_cache import ShardedCache
-from evaluate_vocoder import MetricSkipped, pesq_wideband, stoi_score
 from model.audio.features import AudioFeatureConfig, log_mel
 from model.pretrained import load_pretrained
+from training.audio_metrics import MetricSkipped, pesq_wideband, stoi_score
 from test_vocoder_training import FEATURES, HOP, TINY, tone, write_cache
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "inference" / "examples"

@@ -3,14 +3,22 @@ evaluate_vocoder.py, and timed synthesis for the real-time factor (vocode.py, ev
 
     metrics = reconstruction_metrics(generated, target, config, MultiResolutionSTFTLoss(config.stft_resolutions))
     waveform, seconds = synthesize(vocoder, mel, device)      # mel (1, n_mels, T) → ((T - 1) * hop,), seconds
+    pesq_wideband(reference, degraded, sample_rate), stoi_score(...)   # (S,) each; MetricSkipped when undefined
 """
 
 import time
+import warnings
 
+import numpy as np
+import pesq
+import pystoi
 import torch
+import torchaudio
 
 from model.audio.criteria import MultiResolutionSTFTLoss, mel_l1_loss
 from model.audio.vocoders.config import VocoderConfig
+
+PESQ_RATE = 16000  # wideband PESQ (ITU-T P.862.2) is defined at 16 kHz
 
 WARM_UP_FRAMES = 16
 
@@ -42,3 +50,37 @@ def synthesize(vocoder, mel: torch.Tensor, device: torch.device, warm_up: bool =
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return waveform[0].float().cpu(), time.perf_counter() - started
+
+
+class MetricSkipped(Exception):
+    """A metric that cannot be computed for a clip; the message says why."""
+
+
+def _check_not_silent(reference: torch.Tensor, metric: str) -> None:
+    if not bool(reference.abs().max() > 0):
+        raise MetricSkipped(f"{metric}: silent reference clip")
+
+
+def pesq_wideband(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
+    """Wideband PESQ of degraded against reference, both (S,) at sample_rate (resampled to 16 kHz when it
+    differs). MetricSkipped when PESQ rejects the clip (no utterance found, too short)."""
+    _check_not_silent(reference, "pesq")
+    if sample_rate != PESQ_RATE:
+        reference, degraded = (torchaudio.functional.resample(x, sample_rate, PESQ_RATE) for x in (reference, degraded))
+    try:
+        return float(pesq.pesq(PESQ_RATE, reference.numpy().astype(np.float32), degraded.numpy().astype(np.float32),
+                               "wb"))
+    except pesq.PesqError as error:
+        raise MetricSkipped(f"pesq: {type(error).__name__}") from error
+
+
+def stoi_score(reference: torch.Tensor, degraded: torch.Tensor, sample_rate: int) -> float:
+    """STOI of degraded against reference, both (S,) at sample_rate (pystoi resamples to 10 kHz itself).
+    MetricSkipped when fewer than 30 frames of speech remain after pystoi drops the silent ones."""
+    _check_not_silent(reference, "stoi")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = pystoi.stoi(reference.numpy().astype(np.float64), degraded.numpy().astype(np.float64), sample_rate)
+    if any("Not enough STFT frames" in str(warning.message) for warning in caught):
+        raise MetricSkipped("stoi: fewer than 30 frames of speech")
+    return float(value)
