@@ -16,7 +16,9 @@ wrote, e.g. checkpoint-1000.)
 The caches come from preprocess_audio_diffusion_dataset.py. Without --vae_checkpoint the DiT denoises normalised
 log-mel frames (the cache's mel_mean and mel_std); with one (a pretrain_audio_vae.py checkpoint) it denoises the
 VAE's latents (posterior means scaled to unit variance, frequency rows stacked into channels), decoded with the
-speaker. --diffusion_type (or --config) names configs/audio_diffusion/*.yaml (or a YAML path); --set KEY=VALUE
+speaker: every train utterance and the validation ones used are encoded once at the start (each alone, its mel
+padded with silence to whole patches; the time it took is logged) and kept in memory, so steps never run the
+VAE encoder. --diffusion_type (or --config) names configs/audio_diffusion/*.yaml (or a YAML path); --set KEY=VALUE
 overrides a field; the input width, text width and speaker width come from the data (an override that disagrees is
 an error). Output length: generate_audio.py takes it from the user (--seconds) or, by default, from the number of
 text tokens times the train cache's mel frames per token. Defaults follow DiT: AdamW at 1e-4 without weight decay,
@@ -35,7 +37,7 @@ from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, build_audio_
 from model.audio.pipeline import load_audio_vae_checkpoint
 from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
-from training.audio_diffusion_task import build_audio_diffusion_task, describe_run, latent_scale_factor
+from training.audio_diffusion_task import build_audio_diffusion_task
 from training.cli import run_training
 
 
@@ -52,8 +54,8 @@ def parse_args(argv=None):
     parser.add_argument("--val_data_dir", "--val_cache_dir", dest="val_data_dir",
                         default="cached_datasets/audio_validation_diffusion_cached",
                         help="written by preprocess_audio_diffusion_dataset.py --split validation")
-    parser.add_argument("--vae_checkpoint", help="a pretrain_audio_vae.py checkpoint: denoise its latents "
-                                                 "(default: denoise mel frames)")
+    parser.add_argument("--vae_checkpoint", help="a pretrain_audio_vae.py checkpoint: denoise its latents, "
+                                                 "encoded once at the start (default: denoise mel frames)")
     parser.add_argument("--speaker_embedding_dim", type=int, help="checked against the cache (default: the cache's)")
     parser.add_argument("--vocoder_checkpoint", help="a pretrain_vocoder.py checkpoint: vocoded samples")
     parser.add_argument("--ema_decay", type=float, help="EMA decay of the weights (default: the config's ema_decay)")
@@ -101,8 +103,6 @@ def prepare(args):
                              f"speaker embeddings but the cache holds {speaker_dim}-dim ones: use caches written with "
                              "the speaker encoder the VAE was trained on")
     codec = FrameCodec("latent" if vae is not None else "mel", meta["mel_mean"], meta["mel_std"], vae)
-    if vae is not None:
-        codec.latent_scale = latent_scale_factor(train_cache, codec)
     data = {"representation": codec.representation, "latent_channels": codec.channels(meta["features"]["n_mels"]),
             "text_embed_dim": meta["text_encoder"]["dim"], "speaker_embedding_dim": speaker_dim}
     config = resolve_config(args, data)
@@ -114,8 +114,7 @@ def prepare(args):
         if vae is not None:
             vae.to(context.device)
         return build_audio_diffusion_task(build_audio_diffusion(config), config, train_cache, val_cache, codec,
-                                          vocoder.to(context.device) if vocoder is not None else None, args, context,
-                                          describe_run(args, train_cache, codec))
+                                          vocoder.to(context.device) if vocoder is not None else None, args, context)
 
     def report(summary: dict) -> str:
         lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,.0f} s of audio, "

@@ -5,6 +5,10 @@ audio-VAE latents) conditioned on their cached text embeddings and speaker embed
     codec = FrameCodec("mel", train_cache.meta["mel_mean"], train_cache.meta["mel_std"])   # or with a VAE
     task = build_audio_diffusion_task(model, config, train_cache, val_cache, codec, vocoder, args, context)
 
+Over latents, the task encodes every train utterance and the fixed validation ones once, when it is built (each
+alone, its mel padded with silence to a multiple of patch_size * r: data/audio_diffusion_batches.py's
+encode_utterances), sets the codec's latent_scale to make the train latents unit-variance, and batches those
+latents: no step runs the VAE encoder. Over mels, batches hold the log-mels, normalised at each step.
 Micro-batch i pads its utterances to the longest (a multiple of the patch; frame_mask marks the real frames) and
 draws its noise, levels and condition dropout from a generator seeded by (seed, rank, i): a resumed run draws the
 same numbers. The loss is model/audio/diffusion.py's audio_diffusion_loss (masked, min-SNR weighted).
@@ -17,11 +21,12 @@ weights for its text and speaker at its length, and with a vocoder both as audio
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
 
-from data.audio_diffusion_batches import pad_utterances
+from data.audio_diffusion_batches import encode_utterances, pad_latent_utterances, pad_utterances
 from data.cached_batches import CachedBatches, fixed_items
 from data.sharded_cache import ShardedCache
 from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, audio_diffusion_loss, generate_mel
@@ -55,33 +60,44 @@ class _Denoiser:
 
 
 def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache: ShardedCache,
-                               val_cache: ShardedCache, codec: FrameCodec, vocoder, args, context,
-                               run_meta: dict) -> TrainingTask:
+                               val_cache: ShardedCache, codec: FrameCodec, vocoder, args,
+                               context) -> TrainingTask:
     """The TrainingTask. args: batch_size, seed, eval_batches, eval_steps, generation_steps (default eval_steps),
-    sample_clips, sample_steps (default config.sampling_steps). run_meta: what diffusion_meta.json records."""
+    sample_clips, sample_steps (default config.sampling_steps), vae_checkpoint (for diffusion_meta.json). With a
+    VAE in the codec (on context.device) it encodes the utterances and sets codec.latent_scale (module docstring)."""
     device = context.device
-    multiple = config.patch_size * codec.frames_per_step
     pad = math.log(train_cache.meta["features"]["log_floor"])
+    val_items = fixed_items(val_cache, args.eval_batches * args.batch_size)
+    if codec.vae is None:
+        def collate(items: list[dict]) -> dict:
+            return pad_utterances(items, config.patch_size, pad)
 
-    def collate(items: list[dict]) -> dict:
-        return pad_utterances(items, multiple, pad)
+        train_item = train_cache.__getitem__
+    else:
+        train_latents, val_latents = encode_latents(train_cache, val_items, codec, config.patch_size, pad,
+                                                    args.batch_size)
+
+        def collate(items: list[dict]) -> dict:
+            return pad_latent_utterances(items, config.patch_size, codec.frames_per_step)
+
+        def train_item(index: int) -> dict:
+            return {**train_cache[index], "latents": train_latents[index]}
+
+        val_items = [{**item, "latents": latents} for item, latents in zip(val_items, val_latents)]
 
     def as_frames(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """x0 (B, C, T') and frame_mask (B, T') of a collated batch."""
-        frames = codec.encode(batch["mel"])
-        lengths = codec.sequence_frames(batch["frame_mask"].sum(1))
-        return frames, torch.arange(frames.shape[-1], device=frames.device)[None] < lengths[:, None]
+        """x0 (B, C, T') and frame_mask (B, T') of a collated batch: its latents, or its mels normalised."""
+        return (batch["latents"] if codec.vae is not None else codec.encode(batch["mel"])), batch["frame_mask"]
 
     train = CachedBatches(train_cache, args.batch_size, args.seed, context.rank, context.world_size, collate)
-    val_items = fixed_items(val_cache, args.eval_batches * args.batch_size)
     val = [{**collate(val_items[start:start + args.batch_size]), "index": torch.tensor(start)}
            for start in range(0, len(val_items), args.batch_size)]
     sample_items = val_items[:args.sample_clips]
     ema = EMA(model, decay=config.ema_decay).to(device)
-    state = EMAState(ema, run_meta, DIFFUSION_META)
+    state = EMAState(ema, describe_run(args, train_cache, codec), DIFFUSION_META)
 
     def train_batch(i: int) -> dict:
-        return {**train.batch(i), "index": torch.tensor(i)}
+        return {**collate([train_item(index) for index in train.indices(i)]), "index": torch.tensor(i)}
 
     def loss(forward, batch: dict, step: int) -> LossTerms:
         generator = torch.Generator(device=device).manual_seed(micro_batch_seed(args.seed, context.rank,
@@ -131,7 +147,7 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
                 config.latent_channels)
     seconds_per_frame = train_cache.meta["features"]["hop_length"] / train_cache.meta["features"]["sample_rate"]
     return TrainingTask(model=model, config=config, train_batch=train_batch, loss=loss,
-                        batch_size=lambda batch: float(batch["frame_mask"].sum()) * seconds_per_frame,
+                        batch_size=lambda batch: float(batch["mel_frames"].sum()) * seconds_per_frame,
                         throughput_unit="audio_seconds", evaluate=evaluate, samples=samples,
                         generation_steps=args.generation_steps or args.eval_steps, after_step=state.after_step,
                         extra_state=state)
@@ -148,13 +164,26 @@ def describe_run(args, train_cache: ShardedCache, codec: FrameCodec) -> dict:
             "train_data_dir": str(Path(train_cache.directory).resolve())}
 
 
-@torch.no_grad()
-def latent_scale_factor(cache: ShardedCache, codec: FrameCodec, items: int = 64) -> float:
-    """1 / the standard deviation of the VAE's latent frames (real frames only) over the first `items` utterances
-    of the cache, as Stable Diffusion scales its latents to unit variance."""
-    values = []
-    for index in range(min(items, len(cache))):
-        mel = cache[index]["mel"].float()[None]
-        frames = codec.encode(mel)[0, :, :int(codec.sequence_frames(torch.tensor(mel.shape[-1])))]
-        values.append(frames.flatten())
-    return 1.0 / float(torch.cat(values).std().clamp(min=1e-6))
+def encode_latents(train_cache: ShardedCache, val_items: list[dict], codec: FrameCodec, patch_size: int,
+                   pad_value: float, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The latents (channels, W_k) of every train utterance and of val_items, each encoded alone with its mel padded
+    to a multiple of patch_size * r frames, scaled to unit variance over the train latents' real frames: sets
+    codec.latent_scale accordingly (multiplying the scale it had). Logs how long the encoding took."""
+    started = time.perf_counter()
+    multiple = patch_size * codec.frames_per_step
+    train, mel_frames = encode_utterances(codec, train_cache, multiple, pad_value, batch_size)
+    val, _ = encode_utterances(codec, val_items, multiple, pad_value, batch_size)
+    scale = latent_scale_factor(train, codec.sequence_frames(torch.tensor(mel_frames)).tolist())
+    codec.latent_scale *= scale
+    for latents in train + val:
+        latents.mul_(scale)
+    logger.info("encoded %d train and %d validation utterances with the audio VAE in %.1f s (latent scale %.4f)",
+                len(train), len(val), time.perf_counter() - started, codec.latent_scale)
+    return train, val
+
+
+def latent_scale_factor(latents: list[torch.Tensor], real_frames: list[int]) -> float:
+    """1 / the standard deviation of latent frames (channels, W_k) over their first real_frames[k] frames (those
+    that hold audio), as Stable Diffusion scales its latents to unit variance."""
+    values = torch.cat([frames[:, :count].flatten() for frames, count in zip(latents, real_frames)])
+    return 1.0 / float(values.std().clamp(min=1e-6))
