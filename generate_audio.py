@@ -24,15 +24,9 @@ import numpy as np
 import soundfile
 import torch
 
-from model.audio.diffusion import FrameCodec, generate_mel
-from model.audio.speaker_encoders import speaker_encoder_from_description
-from model.audio.pipeline import load_audio_diffusion_checkpoint, load_audio_vae_checkpoint
-from model.pretrained import load_pretrained
-from model.text_encoders import text_encoder_from_description
+from model.audio.pipeline import TextToSpeech
 from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
-
-FEATURE_KEYS = ("sample_rate", "n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,44 +76,21 @@ def check_arguments(args) -> None:
             raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
 
 
-@torch.no_grad()
 def generate(args) -> dict:
     """Write args.output; returns {"path", "seconds", "frames"}."""
     check_arguments(args)
     checkpoint = checkpoint_from_args(args, "pretrain_audio_diffusion.py")
-    device = choose_device(args.device)
-    model, meta = load_audio_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
-    features = meta["features"]
-    vocoder = load_pretrained(args.vocoder_checkpoint, device, family="vocoder")
-    differ = [key for key in FEATURE_KEYS if vocoder.features.to_dict()[key] != features[key]]
-    if differ:
-        raise ValueError(f"the vocoder {args.vocoder_checkpoint} takes other mel features than the run was trained on "
-                         f"({', '.join(differ)} differ): pass a vocoder trained on the run's features")
-    speaker = None
-    if model.config.speaker_embedding_dim:
-        if not args.speaker:
-            raise ValueError(f"this run is conditioned on a speaker: pass --speaker ref.wav (a recording of the voice, "
-                             f"embedded by {meta['speaker_encoder']['name']})")
-        waveform, rate = read_speaker(args.speaker)
-        speaker = speaker_encoder_from_description(meta["speaker_encoder"], device).embed([waveform], rate)
-    vae = None
-    if meta["representation"] == "latent":
-        vae = load_audio_vae_checkpoint(args.vae_checkpoint or meta["vae_checkpoint"], device)
-    codec = FrameCodec(meta["representation"], meta["mel_mean"], meta["mel_std"], vae, meta["latent_scale"])
-    text_emb, text_mask = text_encoder_from_description(meta["text_encoder"], device).encode([args.prompt])
-    if args.seconds is not None:
-        frames = 1 + round(args.seconds * features["sample_rate"]) // features["hop_length"]
-    else:
-        frames = max(2, round(int(text_mask.sum()) * meta["frames_per_text_token"]))
-    mel = generate_mel(model, codec, text_emb, speaker, frames, args.steps, args.seed, args.guidance_scale,
+    tts = TextToSpeech(checkpoint, args.vocoder_checkpoint, choose_device(args.device), use_ema=not args.no_ema,
+                       vae_checkpoint=args.vae_checkpoint)
+    speaker = read_speaker(args.speaker) if tts.needs_speaker and args.speaker else None
+    speech = tts.speak(args.prompt, speaker, args.seconds, args.steps, args.seed, args.guidance_scale,
                        args.speaker_guidance_scale)
-    audio = vocoder(mel.to(device))[0][0].float().clamp(-1, 1).cpu().numpy()
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(output), audio, features["sample_rate"])
+    soundfile.write(str(output), speech.audio, tts.sample_rate)
     if args.save_mel:
-        torch.save(mel[0].cpu(), output.with_suffix(".mel.pt"))
-    return {"path": output, "seconds": len(audio) / features["sample_rate"], "frames": frames}
+        torch.save(speech.mel[0].cpu(), output.with_suffix(".mel.pt"))
+    return {"path": output, "seconds": len(speech.audio) / tts.sample_rate, "frames": speech.frames}
 
 
 def main(argv=None) -> int:

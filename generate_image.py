@@ -12,7 +12,6 @@ images (prompt p draws its noise from a generator seeded by the seed and p).
 """
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -20,14 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.diffusion import sample
 from model.diffusion.samplers import SAMPLERS
-from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint
+from model.image.pipeline import load_diffusion_checkpoint, load_vae_checkpoint, slug, text_to_images
 from model.text_encoders import text_encoder_from_description
 from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
-
-MAX_SLUG_LENGTH = 60
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae_checkpoint", help="the VAE that decodes the latents (default: the run's)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return parser
-
-
-def slug(prompt: str) -> str:
-    """'A red circle, big!' -> 'a-red-circle-big' (at most MAX_SLUG_LENGTH characters)."""
-    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:MAX_SLUG_LENGTH].rstrip("-") or "prompt"
 
 
 def check_arguments(args) -> None:
@@ -75,19 +66,12 @@ def generate(args) -> list[Path]:
     model, meta = load_diffusion_checkpoint(checkpoint, use_ema=not args.no_ema, device=device)
     vae, _ = load_vae_checkpoint(args.vae_checkpoint or meta["vae_checkpoint"], device=device)
     encoder = text_encoder_from_description(meta["text_encoder"], device)
-    config, scale_factor = model.config, meta["latent_scale_factor"]
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, prompt in enumerate(args.prompt):
-        text_emb, text_mask = encoder.encode([prompt])
-        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + index)
-        latents = sample(model, (args.num_images, config.latent_channels, config.latent_height, config.latent_width),
-                         text_emb.expand(args.num_images, -1, -1), text_mask.expand(args.num_images, -1),
-                         guidance_scale=args.guidance_scale, steps=args.steps, sampler=args.sampler,
-                         generator=generator)
-        images = (vae.decode(latents / scale_factor).float().clamp(-1, 1) + 1) * 127.5
-        pixels = images.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for prompt, pixels in text_to_images(model, vae, encoder, args.prompt, args.num_images,
+                                         meta["latent_scale_factor"], args.seed, args.guidance_scale, args.steps,
+                                         args.sampler):
         for number, image in enumerate(pixels):
             path = output_dir / f"{slug(prompt)}-{number}.png"
             Image.fromarray(np.ascontiguousarray(image)).save(path)

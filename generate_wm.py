@@ -22,7 +22,6 @@ or Griffin-Lim without one). The encoders and tokenizer are the checkpoint's (wm
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,18 +30,12 @@ import soundfile
 import torch
 from PIL import Image
 
-from data.image_latents import checkpoint_fingerprint
 from data.image_sources import ImageRecord, load_image_item
-from data.multimodal_audio import ClipCodec
-from data.tokenizer import load_tokenizer
+from data.multimodal_run import load_run
+from model.image.pipeline import decode_pixels
 from model.multimodal.generation import MediaSegment, TextSegment, generate_multimodal
 from training.checkpoints import checkpoint_from_args
 from training.distributed import choose_device
-from model.image.pipeline import load_vae_checkpoint
-from model.pretrained import load_pretrained
-
-WM_META, TOKENIZER_DIR = "wm_meta.json", "tokenizer"
-
 
 class AppendSegment(argparse.Action):
     """--prompt, --image and --audio append (kind, value) to args.segments, keeping the command line's order."""
@@ -94,30 +87,6 @@ def check_arguments(args) -> None:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     if args.temperature is not None and args.temperature <= 0:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
-
-
-def load_run(checkpoint: Path, device: torch.device, vae_checkpoint=None, audio_vae_checkpoint=None,
-             vocoder_checkpoint=None):
-    """(model, image VAE or None, ClipCodec or None, tokenizer, wm_meta) of a checkpoint; a VAE with other weights
-    than the run's is refused. The checkpoint arguments: where the run's VAEs have moved, and a vocoder."""
-    meta_path = checkpoint / WM_META
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{checkpoint} has no {WM_META}: pass a checkpoint of pretrain_wm.py with a multimodal "
-                                "config (runs/RUN_NAME/checkpoint-STEP)")
-    meta = json.loads(meta_path.read_text())
-    model = load_pretrained(checkpoint, device, family="multimodal")
-    vae = codec = None
-    if "image" in model.config.media:
-        vae_dir = Path(vae_checkpoint or meta["vae_checkpoint"])
-        if not (vae_dir / "model.safetensors").is_file():
-            raise FileNotFoundError(f"the run's VAE checkpoint {vae_dir} is gone: pass --vae_checkpoint its new place")
-        if checkpoint_fingerprint(vae_dir) != meta["vae_fingerprint"]:
-            raise ValueError(f"the VAE {vae_dir} is not the one {checkpoint} was trained with "
-                             f"({meta['vae_checkpoint']}): pass that checkpoint as --vae_checkpoint")
-        vae, _ = load_vae_checkpoint(vae_dir, device=device)
-    if "audio" in model.config.media:
-        codec = ClipCodec(meta["media"]["audio"], device, audio_vae_checkpoint, vocoder_checkpoint)
-    return model, vae, codec, load_tokenizer(str(checkpoint / TOKENIZER_DIR)), meta
 
 
 def _need(medium, kind: str, flag: str, model) -> None:
@@ -197,10 +166,9 @@ def _write_media(segment: MediaSegment, vae, codec, meta: dict, stem: Path) -> P
         path = stem.with_suffix(".wav")
         soundfile.write(str(path), codec.waveform(segment.latents, segment.condition).numpy(), codec.sample_rate)
         return path
-    scale = meta["media"]["image"]["latent_scale_factor"]
-    pixels = (vae.decode(segment.latents[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
+    pixels = decode_pixels(vae, segment.latents[None] / meta["media"]["image"]["latent_scale_factor"])[0]
     path = stem.with_suffix(".png")
-    Image.fromarray(np.ascontiguousarray(pixels.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())).save(path)
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path)
     return path
 
 

@@ -14,7 +14,6 @@ Prints mean ± std of each metric (PESQ and STOI skip a clip they cannot score, 
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.common import measure_and_report  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
 from model.audio.pipeline import load_audio_vae_checkpoint  # noqa: E402
 from model.pretrained import load_pretrained  # noqa: E402
@@ -83,15 +83,7 @@ def measure(args) -> dict:
             "cache_dir": str(args.cache_dir), "summary": summary, "skipped": skipped, "clips": clips}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = measure(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    output = Path(args.output_json or Path(args.vae_checkpoint) / "audio_vae_quality.json")
-    output.write_text(json.dumps(report, indent=2) + "\n")
+def print_report(report: dict, path: Path) -> None:
     labels = {"mel_l1": "mel L1 (VAE vs real mel)", "pesq": "PESQ (vocoded VAE vs vocoded real mel)",
               "stoi": "STOI (same pair)"}
     for name in METRICS:
@@ -100,8 +92,14 @@ def main(argv=None) -> int:
         print(f"{labels[name]:40} {shown:>16}  ({figures['count']} clips)")
     for reason, count in report["skipped"].items():
         print(f"skipped: {reason} ({count} clips)")
-    print(f"\nwritten: {output}")
-    return 0
+    print(f"\nwritten: {path}")
+
+
+def main(argv=None) -> int:
+    return measure_and_report(
+        build_parser(), measure,
+        lambda args, report: Path(args.output_json or Path(args.vae_checkpoint) / "audio_vae_quality.json"),
+        print_report, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import PixArtTransformer2DModel  # noqa: E402
 
-from bench.lm_throughput import cpu_model, interleaved_times  # noqa: E402
+from bench.common import cpu_model, interleaved_times  # noqa: E402
 from model.diffusion import DiT  # noqa: E402
 from model.image.diffusion import ImageDiffusionConfig  # noqa: E402
 

@@ -28,10 +28,8 @@ A benchmark, not a test: nothing here is asserted by the test suite.
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +39,7 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
 
+from bench.common import cpu_model, interleaved_times, timed  # noqa: E402
 from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model.hf_conversion import convert_hf_model  # noqa: E402
 from training.monitor import gpu_peak_flops  # noqa: E402
@@ -91,16 +90,6 @@ def apply_config_shape(args) -> None:
     args.intermediate_size, args.vocab_size = c.intermediate_size, c.vocab_size
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def cpu_flags() -> str:
     """Which wide-vector and matrix extensions /proc/cpuinfo lists (they decide CPU matmul and compile speed)."""
     try:
@@ -110,32 +99,6 @@ def cpu_flags() -> str:
     present = set(flags.split(":", 1)[1].split())
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return "flags: " + " ".join(f"{flag}{'+' if flag in present else '-'}" for flag in wanted)
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str) -> float:
-    """Seconds one call of fn takes, with the device synchronised on both sides."""
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved_times(fns: dict, warmup: int, repeats: int, device: str) -> dict:
-    """Seconds per call of each fn in fns (a list of `repeats` each), run in alternating order per repeat."""
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(warmup + repeats):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            seconds = timed(fns[name], device)
-            if i >= warmup:
-                times[name].append(seconds)
-    return times
 
 
 def summarize(work: float, times: dict, first_calls: dict) -> dict:

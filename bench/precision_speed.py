@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.lm_throughput import cpu_model, sync  # noqa: E402
+from bench.common import cpu_model, sync  # noqa: E402
 from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model import build_model  # noqa: E402
 from training.precision import cpu_flags, has_native_bf16  # noqa: E402

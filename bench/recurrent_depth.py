@@ -14,16 +14,16 @@ come from the same validation batches.
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-import preprocess_text_dataset  # noqa: E402
-import pretrain_wm  # noqa: E402
 from data.text_cache import TextTokenCache, evaluation_batches  # noqa: E402
 from model import load_pretrained  # noqa: E402
 from training.checkpoints import list_checkpoints  # noqa: E402
@@ -34,18 +34,25 @@ CRITERIA = {"kl_divergence": 5e-4, "entropy_diff": 1e-3, "latent_diff": 0.03, "a
             "cosine": 1e-3}
 
 
+def run_script(script: str, *flags: str) -> None:
+    """Run a top-level script of the repository as its command line does (bench/ imports no script); stops on
+    failure."""
+    subprocess.run([sys.executable, str(REPO / script), *flags], check=True)
+
+
 def train_tiny(work: Path, steps: int) -> tuple[Path, Path]:
     """A recurrent_tiny run (mean depth 8) on builtin:text in `work`, trained unless already there."""
     cache, run_dir = work / "cache", work / "rec"
     if list_checkpoints(run_dir):
         return run_dir, cache
-    assert preprocess_text_dataset.main(["--dataset_name", "builtin:text", "--max_chars", "1000000",
-                                         "--train_tokenizer", "--vocab_size", "2048", "--output_dir", str(cache)]) == 0
-    assert pretrain_wm.main([
-        "--config", "recurrent_tiny", "--set", "recurrent_mean_thinking_steps=8", "--set", "recurrent_backprop_depth=4",
-        "--data_dir", str(cache), "--runs_dir", str(work), "--run_name", "rec", "--seq_len", "128", "--batch_size", "8",
-        "--max_steps", str(steps), "--learning_rate", "3e-3", "--warmup_steps", "20", "--eval_steps", str(steps),
-        "--eval_batches", "2", "--eval_thinking_steps", "1", "--no_progress_bar"]) == 0
+    run_script("preprocess_text_dataset.py", "--dataset_name", "builtin:text", "--max_chars", "1000000",
+               "--train_tokenizer", "--vocab_size", "2048", "--output_dir", str(cache))
+    run_script("pretrain_wm.py",
+               "--config", "recurrent_tiny", "--set", "recurrent_mean_thinking_steps=8", "--set",
+               "recurrent_backprop_depth=4", "--data_dir", str(cache), "--runs_dir", str(work), "--run_name", "rec",
+               "--seq_len", "128", "--batch_size", "8", "--max_steps", str(steps), "--learning_rate", "3e-3",
+               "--warmup_steps", "20", "--eval_steps", str(steps), "--eval_batches", "2", "--eval_thinking_steps", "1",
+               "--no_progress_bar")
     return run_dir, cache
 
 

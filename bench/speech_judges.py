@@ -10,9 +10,10 @@ generates with an empty prompt (the floor).
 
 Items: the first --num_items builtin:phrases validation utterances (data/builtin_phrases.py: prompts never heard in
 training, each spoken by one of the four flite voices at its own rate). Real: the utterance as flite speaks it.
-Generated: generate_audio.generate speaks its prompt (seed = the item's index, length from the prompt) with
---speaker a real train utterance of the same voice (the voice's first one). Empty prompt: the same with prompt ""
-and the generated clip's length, scored against the item's prompt.
+Generated: the run speaks its prompt as generate_audio.py does (model/audio/pipeline.TextToSpeech; seed = the
+item's index, length from the prompt) in the voice of a real train utterance of the same voice (the voice's first
+one, written to OUTPUT_DIR/speaker-VOICE.wav and read back as generate_audio.py reads --speaker). Empty prompt: the
+same with prompt "" and the generated clip's length, scored against the item's prompt.
 
 WER, two ways (errors / reference words over all items):
   grammar  pocketsphinx restricted to "<colour> <object> <digit>" (JSGF from the corpus' word lists). The primary
@@ -33,7 +34,6 @@ empty_prompt}/. Generated audio at a rate other than 16 kHz is resampled to 16 k
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,10 +43,14 @@ import torchaudio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import generate_audio  # noqa: E402
+from bench.common import measure_and_report  # noqa: E402
+from data.audio_sources import AudioRecord, decode_record  # noqa: E402
 from data.builtin_phrases import COLOURS, DIGITS, OBJECTS, SPEAKERS, phrase_utterances  # noqa: E402
 from data.builtin_speech import synthesize  # noqa: E402
+from model.audio.pipeline import TextToSpeech  # noqa: E402
 from model.audio.speaker_encoders import ResemblyzerEncoder  # noqa: E402
+from training.checkpoints import checkpoint_from_args  # noqa: E402
+from training.distributed import choose_device  # noqa: E402
 from training.speech_judges import RECOGNISER_RATE, SpeakerJudge, SpeechRecognizer, word_errors  # noqa: E402
 
 SLOTS = (COLOURS, OBJECTS, DIGITS)
@@ -94,24 +98,26 @@ def write_real(items, folder: Path) -> list[Path]:
 def write_generated(args, items, speaker_clips: dict, output_dir: Path) -> dict[str, list[Path]]:
     """Speak every item's prompt, then no prompt at the same length, with the run, conditioned on the first of
     speaker_clips[voice] ({voice: [(waveform (S,), rate), ...]}); {set name: wav paths}."""
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise ValueError(f"--guidance_scale must not be negative, got {args.guidance_scale}")
+    tts = TextToSpeech(checkpoint_from_args(args, "pretrain_audio_diffusion.py"), args.vocoder_checkpoint,
+                       choose_device(args.device))
     references = {}
     for voice, clips in speaker_clips.items():
-        references[voice] = output_dir / f"speaker-{voice}.wav"
-        soundfile.write(str(references[voice]), clips[0][0].numpy(), clips[0][1])
+        path = output_dir / f"speaker-{voice}.wav"
+        soundfile.write(str(path), clips[0][0].numpy(), clips[0][1])
+        references[voice] = decode_record(AudioRecord(source_id=str(path), path=str(path)))
     paths = {"generated": [], "empty_prompt": []}
     for index, item in enumerate(items):
         seconds = None
         for name, prompt in (("generated", item.text), ("empty_prompt", "")):
             path = output_dir / name / f"{index:03d}-{item.voice}.wav"
-            flags = ["--prompt", prompt, "--speaker", str(references[item.voice]), "--vocoder_checkpoint",
-                     args.vocoder_checkpoint, "--output", str(path), "--seed", str(index)]
-            for flag in ("run_dir", "checkpoint", "steps", "guidance_scale", "device"):
-                if getattr(args, flag) is not None:
-                    flags += [f"--{flag}", str(getattr(args, flag))]
-            if seconds is not None:
-                flags += ["--seconds", f"{seconds:.4f}"]
-            result = generate_audio.generate(generate_audio.build_parser().parse_args(flags))
-            seconds = result["seconds"]
+            speech = tts.speak(prompt, references[item.voice], seconds, args.steps, index, args.guidance_scale)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            soundfile.write(str(path), speech.audio, tts.sample_rate)
+            seconds = round(len(speech.audio) / tts.sample_rate, 4)
             paths[name].append(path)
     return paths
 
@@ -191,7 +197,7 @@ def measure(args) -> dict:
             "chance_speaker_accuracy": 1 / len(SPEAKERS), "sets": results}
 
 
-def print_table(report: dict) -> None:
+def print_table(report: dict, path: Path) -> None:
     print(f"{'':28} {'WER grammar':>11} {'WER open':>9} {'speaker':>8} {'clips':>6}")
     for name, result in report["sets"].items():
         label = LABELS.get(name, name)
@@ -200,21 +206,12 @@ def print_table(report: dict) -> None:
             print(f"{title:28} {figures['wer_grammar']:11.1%} {figures['wer_open']:9.1%} "
                   f"{figures['speaker_accuracy']:8.1%} {figures['clips']:6d}")
     print(f"{'chance':28} {report['chance_wer_grammar']:11.1%} {'':>9} {report['chance_speaker_accuracy']:8.1%}")
+    print(f"\nwritten: {path} and the wavs under {report['output_dir']}/")
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = measure(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    output_dir = Path(report["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "judges.json").write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"\nwritten: {output_dir / 'judges.json'} and the wavs under {output_dir}/")
-    return 0
+    return measure_and_report(build_parser(), measure,
+                              lambda args, report: Path(report["output_dir"]) / "judges.json", print_table, argv)
 
 
 if __name__ == "__main__":

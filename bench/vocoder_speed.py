@@ -33,7 +33,7 @@ from vocos.feature_extractors import MelSpectrogramFeatures  # noqa: E402
 from vocos.heads import ISTFTHead  # noqa: E402
 from vocos.models import VocosBackbone  # noqa: E402
 
-from bench.lm_throughput import cpu_model, interleaved_times  # noqa: E402
+from bench.common import cpu_model, interleaved_times  # noqa: E402
 from model.audio.features import log_mel  # noqa: E402
 from model.audio.vocoders import build_vocoder, model_config_lookup  # noqa: E402
 

@@ -11,13 +11,13 @@ the most common caption of the run's training cache (a text-only model's best co
 
 Text-to-image: bench/caption_fidelity.py's measurement on the world model: the captions of --specs_per_color
 validation specs per palette colour, --num_images images each at every guidance scale (prompt [bos] caption
-begin-image, seed fixed per image), decoded by the VAE, the shape colour read by caption_fidelity.classify_colors;
+begin-image, seed fixed per image), decoded by the VAE, the shape colour read by training/shape_judges.py's
+classify_colors;
 the real images and their VAE reconstructions give the ceilings. Prints both tables and writes OUTPUT_DIR/
 wm_eval.json (default <run dir>/wm_eval/).
 """
 
 import argparse
-import json
 import re
 import sys
 from collections import Counter
@@ -26,19 +26,20 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import generate_wm  # noqa: E402
-from training.checkpoints import checkpoint_from_args  # noqa: E402
-from caption_fidelity import (COLOR_NAMES, classify_colors, prompt_specs, real_and_reconstructed_colors,  # noqa: E402
-                              score)
+from bench.common import measure_and_report  # noqa: E402
 from data.builtin_shapes import PALETTE, SHAPES, draw_shape, shape_specs  # noqa: E402
+from data.multimodal_run import load_run  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
+from model.image.pipeline import decode_pixels, encode_pixels  # noqa: E402
 from model.multimodal.generation import caption_media, text_to_media  # noqa: E402
+from training.checkpoints import checkpoint_from_args  # noqa: E402
 from training.distributed import choose_device  # noqa: E402
+from training.shape_judges import (COLOR_NAMES, classify_colors, prompt_specs,  # noqa: E402
+                                   real_and_reconstructed_colors, score)
 
 WORD = re.compile(r"[a-z]+")
 
@@ -80,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args) -> dict:
     device = choose_device(args.device)
     checkpoint = checkpoint_from_args(args, "pretrain_wm.py")
-    model, vae, _, tokenizer, meta = generate_wm.load_run(checkpoint, device)
+    model, vae, _, tokenizer, meta = load_run(checkpoint, device)
     size, scale = meta["image_size"], meta["media"]["image"]["latent_scale_factor"]
 
     specs = [spec for _, spec in zip(range(args.captions), (spec for _, spec in shape_specs("validation")))]
     pixels = torch.from_numpy(np.stack([np.asarray(draw_shape(spec, size)) for spec in specs]))
-    latents = vae.encode(pixels.permute(0, 3, 1, 2).to(device).float() / 127.5 - 1.0).mean * scale
+    latents = encode_pixels(vae, pixels) * scale
     captions = [tokenizer.decode(caption_media(model, row), skip_special_tokens=True) for row in latents]
     train_cache = ShardedCache(meta["train_data_dir"])
     common = Counter(train_cache[index]["caption"] for index in range(0, len(train_cache))).most_common(1)[0][0]
@@ -104,8 +105,7 @@ def measure(args) -> dict:
             generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + number)
             ids = tokenizer(spec.caption, add_special_tokens=False)["input_ids"]
             image = text_to_media(model, ids, guidance_scale=guidance_scale, steps=args.steps, generator=generator)
-            decoded = (vae.decode(image[None] / scale).float().clamp(-1, 1)[0] + 1) * 127.5
-            array = decoded.round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            array = decode_pixels(vae, image[None] / scale)[0]
             if number % args.num_images == 0:
                 Image.fromarray(np.ascontiguousarray(array)).save(folder / f"{number // args.num_images:03d}.png")
             found.append(classify_colors(array))
@@ -117,16 +117,7 @@ def measure(args) -> dict:
                               "chance": 1 / len(COLOR_NAMES), "results": drawing}}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = measure(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    output_dir = Path(report["output_dir"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "wm_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+def print_report(report: dict, path: Path) -> None:
     print(f"\ncaptioning of {report['captions']['results']['world model']['images']} validation images "
           f"({report['checkpoint']})")
     print(f"{'captioner':<70} {'colour':>7} {'shape':>7} {'both':>7}")
@@ -139,8 +130,12 @@ def main(argv=None) -> int:
     for name, row in report["text_to_image"]["results"].items():
         print(f"{name:<28} {row['shape_color']:>7.1%}  (background {row['background_color']:.1%}, no shape "
               f"{row['no_shape']:.1%}, n={row['images']})")
-    print(f"chance (1/{len(COLOR_NAMES)}) {1 / len(COLOR_NAMES):.1%}\nwritten: {output_dir / 'wm_eval.json'}")
-    return 0
+    print(f"chance (1/{len(COLOR_NAMES)}) {1 / len(COLOR_NAMES):.1%}\nwritten: {path}")
+
+
+def main(argv=None) -> int:
+    return measure_and_report(build_parser(), measure,
+                              lambda args, report: Path(report["output_dir"]) / "wm_eval.json", print_report, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ OUTPUT_DIR/wm_speech_eval.json (default <run dir>/wm_speech_eval/).
 """
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-import generate_wm  # noqa: E402
+from bench.common import measure_and_report  # noqa: E402
 from data.multimodal_batches import IMAGE_FIRST, item_kind  # noqa: E402
+from data.multimodal_run import load_run  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
 from model.multimodal.generation import caption_media, text_to_media  # noqa: E402
 from training.checkpoints import checkpoint_from_args  # noqa: E402
@@ -86,8 +86,7 @@ def spoken_items(cache: ShardedCache, count: int) -> list[dict]:
 def measure(args) -> dict:
     device = choose_device(args.device)
     checkpoint = checkpoint_from_args(args, "pretrain_wm.py")
-    model, _, codec, tokenizer, meta = generate_wm.load_run(checkpoint, device,
-                                                            vocoder_checkpoint=args.vocoder_checkpoint)
+    model, _, codec, tokenizer, meta = load_run(checkpoint, device, vocoder_checkpoint=args.vocoder_checkpoint)
     if codec is None:
         raise ValueError(f"{checkpoint} models no audio: pass a run trained with speech")
     scale = meta["media"]["audio"]["latent_scale_factor"]
@@ -128,15 +127,8 @@ def measure(args) -> dict:
             "text_to_speech": {"prompts": len(rows), "guidance_scale": args.guidance_scale, "steps": args.steps}}
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        report = measure(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    output_dir = Path(report["output_dir"])
-    (output_dir / "wm_speech_eval.json").write_text(json.dumps(report, indent=2) + "\n")
+def print_report(report: dict, path: Path) -> None:
+    output_dir = report["output_dir"]
     print(f"\nrecognition of {report['recognition']['clips']} validation clips ({report['checkpoint']}): "
           "word error rate")
     for name, value in report["recognition"]["wer"].items():
@@ -145,8 +137,13 @@ def main(argv=None) -> int:
         print(f"  {truth}  →  {text}")
     print(f"\ntext to speech: {report['text_to_speech']['prompts']} validation transcripts spoken in their clips' "
           f"voices, vocoded by {report['vocoder']}: {output_dir}/tts, the real clips in {output_dir}/real, "
-          f"listed in {output_dir}/prompts.tsv")
-    return 0
+          f"listed in {output_dir}/prompts.tsv; the figures in {path}")
+
+
+def main(argv=None) -> int:
+    return measure_and_report(build_parser(), measure,
+                              lambda args, report: Path(report["output_dir"]) / "wm_speech_eval.json", print_report,
+                              argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ import generate_audio
 import preprocess_audio_diffusion_dataset
 import pretrain_audio_diffusion
 import pretrain_audio_vae
-from bench import audio_vae_quality
+from bench import audio_vae_quality, speech_judges
 from data.builtin_phrases import phrase_utterances, prompts_of
 from data.builtin_speech import synthesize
 from data.sharded_cache import ShardedCache
@@ -140,6 +141,18 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
         outputs.append(audio)
     assert sample_rate == 16000 and len(audio) == 62 * 256  # 1 + 16000 // 256 = 63 frames -> 62 hops
     np.testing.assert_array_equal(outputs[0], outputs[1])  # the same seed gives the same audio
+
+    # bench/speech_judges.py speaks held-out prompts with the run, and no prompt at each generated clip's length
+    code, printed = run_main(speech_judges.main, [
+        "--run_dir", runs / "dit", "--vocoder_checkpoint", vocoder_dir, "--num_items", 2, "--centroid_items", 12,
+        "--steps", 2, "--device", "cpu", "--output_dir", tmp_path / "judged"])
+    assert code == 0 and "empty prompt (floor)" in printed
+    report = json.loads((tmp_path / "judged" / "judges.json").read_text())
+    assert {name: result["overall"]["clips"] for name, result in report["sets"].items()} == {
+        "real": 2, "generated": 2, "empty_prompt": 2}
+    for clip in report["sets"]["empty_prompt"]["clips"]:
+        floor = Path(clip["path"])
+        assert soundfile.info(floor).frames == soundfile.info(floor.parent.parent / "generated" / floor.name).frames
 
 
 def test_mel_dit_takes_its_length_from_the_prompt(caches, vocoder_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""bench/caption_fidelity.py's colour classifier against builtin:shapes' own drawings (whose colours are known from
-their specs), and its prompt selection and scoring."""
+"""The shapes judges (training/shape_judges.py) of bench/caption_fidelity.py and bench/wm_shapes_eval.py: the colour
+classifier against builtin:shapes' own drawings (whose colours are known from their specs), the prompt selection and
+scoring; and caption_fidelity's clear errors for bad flags."""
 
 import dataclasses
 import itertools
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import generate_image
 from bench import caption_fidelity
-from bench.caption_fidelity import (COLOR_NAMES, ImageColors, blended_palette_color, classify_colors,
-                                    nearest_palette_color, prompt_specs, score)
 from data.builtin_shapes import PALETTE, draw_shape, shape_specs
+from model.image.pipeline import slug
+from training.shape_judges import (COLOR_NAMES, ImageColors, blended_palette_color, classify_colors,
+                                   nearest_palette_color, prompt_specs, score)
 
 SPECS = [spec for _, spec in itertools.islice(shape_specs("train"), 300)]
 
@@ -105,7 +106,7 @@ def test_prompts_are_balanced_validation_captions_in_the_training_style():
     assert [spec.color for spec in specs] == [name for name in COLOR_NAMES for _ in range(3)]
     validation = {spec for _, spec in itertools.islice(shape_specs("validation"), 2000)}
     assert set(specs) <= validation
-    assert len({generate_image.slug(spec.caption) for spec in specs}) == len(specs)
+    assert len({slug(spec.caption) for spec in specs}) == len(specs)
     for spec in specs:
         assert spec.color in spec.caption.replace(",", "").split()
     with pytest.raises(ValueError, match="specs_per_color"):
@@ -116,6 +117,7 @@ def test_prompts_are_balanced_validation_captions_in_the_training_style():
 @pytest.mark.parametrize("flags, message", [
     (["--num_images", "0"], "--num_images must be at least 1"),
     (["--guidance_scales", "1", "-2"], "--guidance_scales must not be negative"),
+    (["--steps", "0"], "--steps must be at least 1"),
     ([], "does not exist: train one with pretrain_image_diffusion.py"),
 ])
 def test_bad_flags_stop_with_a_message(tmp_path, capsys, flags, message):

@@ -1,8 +1,11 @@
 """The layers depend only downward (DESIGN.md, "One home per model family"), checked on the imports of every
-top-level script and every module under model/, data/ and training/ (read with ast, nothing is imported):
+top-level script, every module under model/, data/ and training/, and every bench/ script (read with ast, nothing is
+imported):
 
 - no module imports a script (the top-level *.py files other than megatransformer_utils.py);
-- only pretrain_*.py import task modules (training/*_task.py and training/language_modeling.py);
+- a bench/ script imports no other bench/ script, only bench/common.py (what they share) and the library;
+- only pretrain_*.py import task modules (training/*_task.py and training/language_modeling.py), and bench/ scripts
+  (which measure training, e.g. bench/train_loop_overhead.py);
 - model/ imports nothing from data/ or training/; data/ nothing from training/;
 - megatransformer_utils.py (the config machinery under everything) imports none of model/, data/, training/.
 """
@@ -13,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = "megatransformer_utils"
 PACKAGES = ("model", "data", "training")
+BENCH, BENCH_LIBRARY = "bench", "bench.common"
 TASK_MODULES = ("training.language_modeling",)  # task modules whose names do not end in _task
 
 
@@ -46,7 +50,9 @@ def is_task_module(name: str) -> bool:
 def layering_violations(root: Path) -> list[str]:
     """One line per import that breaks a rule of the module docstring, for the repository at `root`."""
     scripts = {path.stem for path in root.glob("*.py") if path.stem != LIBRARY}
-    files = sorted(root.glob("*.py")) + sorted(path for package in PACKAGES for path in (root / package).rglob("*.py"))
+    bench_scripts = {module_name(path, root) for path in (root / BENCH).glob("*.py")} - {BENCH_LIBRARY}
+    files = sorted(root.glob("*.py")) + sorted(path for package in PACKAGES + (BENCH,)
+                                               for path in (root / package).rglob("*.py"))
     violations = []
     for path in files:
         importer = module_name(path, root)
@@ -55,7 +61,13 @@ def layering_violations(root: Path) -> list[str]:
             top = imported.split(".")[0]
             if top in scripts:
                 violations.append(f"{importer} imports the script {top}.py: move what it shares into a library module")
-            if is_task_module(imported) and not importer.startswith("pretrain_"):
+            # a bench script run as `python bench/x.py` also finds its neighbours as top-level modules
+            bench_script = imported if imported in bench_scripts else f"{BENCH}.{top}" \
+                if layer == BENCH and f"{BENCH}.{top}" in bench_scripts else None
+            if bench_script and bench_script != importer:
+                violations.append(f"{importer} imports the bench script {bench_script}: move what it shares into "
+                                  f"{BENCH_LIBRARY} or a library module")
+            if is_task_module(imported) and not importer.startswith("pretrain_") and layer != BENCH:
                 violations.append(f"{importer} imports the task module {imported}: only pretrain_*.py may")
             if layer == "model" and top in ("data", "training"):
                 violations.append(f"{importer} (model/) imports {imported}: model/ must not depend on {top}/")
@@ -86,6 +98,10 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "training/__init__.py": "",
         "training/vocoder_task.py": "from data.sharded_cache import ShardedCache\n",
         "training/loop.py": "from .image_vae_task import build_image_vae_task\n",
+        "bench/common.py": "import torch\n",
+        "bench/caption_fidelity.py": "import generate_image\nfrom bench.common import interleaved_times\n",
+        "bench/wm_shapes_eval.py": "from caption_fidelity import classify_colors\nimport pretrain_wm\n",
+        "bench/dit_speed.py": "from bench.caption_fidelity import score\nfrom training import vocoder_task\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +116,18 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "model.vae (model/) imports data.sharded_cache: model/ must not depend on data/",
         "preprocess_text_dataset imports the task module training.language_modeling: only pretrain_*.py may",
         "training.loop imports the task module training.image_vae_task: only pretrain_*.py may",
+        "bench.caption_fidelity imports the script generate_image.py: move what it shares into a library module",
+        "bench.wm_shapes_eval imports the script pretrain_wm.py: move what it shares into a library module",
+        "bench.wm_shapes_eval imports the bench script bench.caption_fidelity: move what it shares into bench.common "
+        "or a library module",
+        "bench.dit_speed imports the bench script bench.caption_fidelity: move what it shares into bench.common or a "
+        "library module",
     ]
     for line in expected:
         assert line in found, (line, found)
     # pretrain_*.py may import task modules (also as `from training import vocoder_task`); a task may import data/
     assert not [line for line in found if line.startswith(("pretrain_wm", "training.vocoder_task", "vocode "))]
+    # bench/common.py is what bench scripts share, and a bench script may drive a training task
+    assert not [line for line in found if "bench.common" in line.split(":")[0] or "task module" in line
+                and line.startswith("bench.")]
     assert "model.image.pipeline (model/) imports training.checkpoints: model/ must not depend on training/" in found

@@ -4,6 +4,7 @@
 recurrent core) -> generate_wm.py (a transcript of a recording, speech in a reference voice); clear errors for
 audio input that does not fit."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import generate_wm
 import preprocess_audio_diffusion_dataset
 import preprocess_multimodal_dataset
 import pretrain_wm
+from bench import wm_speech_eval
 from data.multimodal_audio import ClipCodec
 from data.sharded_cache import ShardedCache
 from data.tokenizer import load_tokenizer
@@ -137,6 +139,16 @@ def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
     assert code == 0, capsys.readouterr().err
     samples, rate = soundfile.read(str(work / "spoken" / "0-0.wav"))
     assert rate == RATE and len(samples) == (AUDIO_FRAMES - 1) * HOP  # one clip of the run's length
+
+    # bench/wm_speech_eval.py: transcripts of validation clips, and their transcripts spoken in the clips' voices
+    code, printed = run_main(wm_speech_eval.main, ["--run_dir", runs / "wm", "--val_data_dir", work / "val",
+                                                   "--clips", 2, "--prompts", 2, "--steps", 2, "--device", "cpu",
+                                                   "--output_dir", work / "wm_speech_eval"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((work / "wm_speech_eval" / "wm_speech_eval.json").read_text())
+    assert report["recognition"]["clips"] == 2 and report["text_to_speech"]["prompts"] == 2
+    listed = [line.split("\t") for line in (work / "wm_speech_eval" / "prompts.tsv").read_text().splitlines()]
+    assert len(listed) == 2 and all((work / "wm_speech_eval" / row[3]).is_file() for row in listed)
 
     # bad input: a recording longer than the clips, a file that is not audio, speech without a voice
     write_wav(work / "long.wav", 3.0)

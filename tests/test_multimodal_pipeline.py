@@ -3,6 +3,7 @@ preprocess_multimodal_dataset.py (an untrained tiny image VAE, a BPE trained on 
 (multimodal/tiny) -> generate_wm.py; the interleaved batches; clear errors for caches, VAEs and configs that do not
 fit together."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import generate_wm
 import preprocess_multimodal_dataset
 import pretrain_wm
+from bench import wm_shapes_eval
 from data.builtin_shapes import draw_shape, shape_spec
 from data.multimodal_batches import SequenceLayout, build_sequence, collate_multimodal
 from data.sharded_cache import ShardedCache, ShardedCacheWriter
@@ -111,6 +113,17 @@ def test_train_then_caption_and_draw(work, capsys):
     code, printed = run_main(generate_wm.main, ["--run_dir", runs / "wm", "--image", work / "in.png",
                                                 "--max_new_tokens", 5])
     assert code == 0 and printed.strip() != ""  # a caption (of an untrained model: any text)
+
+    # bench/wm_shapes_eval.py: captions of validation images, and images of validation captions judged by colour
+    code, printed = run_main(wm_shapes_eval.main, ["--run_dir", runs / "wm", "--captions", 3, "--specs_per_color", 1,
+                                                   "--num_images", 1, "--guidance_scales", 1, "--steps", 2,
+                                                   "--device", "cpu", "--output_dir", work / "wm_eval"])
+    assert code == 0 and "text to image: 11 captions x 1 images" in printed
+    report = json.loads((work / "wm_eval" / "wm_eval.json").read_text())
+    assert report["captions"]["results"]["world model"]["images"] == 3
+    rows = report["text_to_image"]["results"]
+    assert rows["real validation images"]["shape_color"] == 1.0 and rows["generated, guidance 1"]["images"] == 11
+    assert len(list((work / "wm_eval" / "guidance_1").glob("*.png"))) == 11
 
     # the VAE has moved: --vae_checkpoint finds it; another VAE's weights are refused
     other = save_vae(work / "other_vae", 1)

@@ -32,6 +32,7 @@ from data.cached_batches import CachedBatches, fixed_items
 from data.image_latents import checkpoint_fingerprint
 from data.multimodal_audio import ClipCodec
 from data.multimodal_batches import IMAGE_FIRST, SequenceLayout, collate_multimodal, item_kind
+from data.multimodal_run import TOKENIZER_DIR, WM_META
 from data.sharded_cache import ShardedCache
 from data.tokenizer import load_tokenizer
 from model.megatransformer_multimodal import MultimodalConfig, build_multimodal, resolve_multimodal_config
@@ -47,8 +48,6 @@ from training.task import Audio, Image, LossTerms, TrainingTask
 logger = logging.getLogger(__name__)
 
 MADE_BY = "preprocess_multimodal_dataset.py"
-WM_META = "wm_meta.json"
-TOKENIZER_DIR = "tokenizer"
 TRAIN_OPEN_SHARDS = 8
 EVAL_SEED, SAMPLE_SEED = 1234, 0
 DEFAULT_IMAGE_PROMPTS = ("a large red circle in the center on a white background",
