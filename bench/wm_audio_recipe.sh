@@ -9,7 +9,7 @@
 #   bench/wm_audio_recipe.sh                          # runs/wm_audio*, cached_datasets/wm_audio_*
 #   BACKBONE=recurrent WM_RUN=wm_audio_recurrent bench/wm_audio_recipe.sh      # the recurrent core
 #   AUDIO_REPRESENTATION=mel bench/wm_audio_recipe.sh                         # log-mel frames, no audio VAE
-#   WM_CONFIG=my_wm.yaml WM_RUN=wm_audio_mine bench/wm_audio_recipe.sh          # another world-model config
+#   WM_CONFIG=multimodal/tiny_deep WM_RUN=wm_audio_deep bench/wm_audio_recipe.sh  # plain stack, the recurrent core's compute
 #   AUDIO_VAE_CHECKPOINT=runs/phrases_vae/checkpoint-2000 VOCODER_CHECKPOINT=runs/phrases_vocoder/checkpoint-3000 \
 #       IMAGE_VAE_CHECKPOINT=runs/shapes_wm_vae/checkpoint-1800 bench/wm_audio_recipe.sh   # reuse trained parts
 #   DRY_RUN=1 bench/wm_audio_recipe.sh                # a few steps per stage, to check the plumbing

@@ -219,7 +219,11 @@ def test_registry_configs_build():
         config = MultimodalConfig.from_name(name)
         assert config.media_kinds == ["image", "audio"] and config.total_vocab_size == config.vocab_size + 4
         assert config.begin_token_id("audio") == config.vocab_size + 2
-    assert MultimodalConfig.from_name("tiny_recurrent").backbone == "recurrent"
+    recurrent, deep = MultimodalConfig.from_name("tiny_recurrent"), MultimodalConfig.from_name("tiny_deep")
+    assert recurrent.backbone == "recurrent" and deep.backbone != "recurrent"
+    blocks_at_mean_depth = (recurrent.n_prelude_layers + recurrent.n_coda_layers
+                            + recurrent.n_recurrent_layers * recurrent.recurrent_mean_thinking_steps)
+    assert deep.n_layers == blocks_at_mean_depth  # the plain stack at the recurrent core's compute
     assert is_multimodal_config("multimodal/tiny") and is_multimodal_config("configs/multimodal/small.yaml")
     assert not is_multimodal_config("tiny") and not is_multimodal_config("configs/causal/tiny.yaml")
 
