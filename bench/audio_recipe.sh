@@ -5,15 +5,16 @@
 # against the vocoder on the real mel) -> speech for held-out prompts judged by pocketsphinx and a speaker judge
 # against the real recordings (ceiling) and an empty prompt (floor) (bench/speech_judges.py).
 #
-#   bench/audio_recipe.sh                          # DiT over log-mel frames, trained beside the VAE (two processes)
-#   REPRESENTATION=latent bench/audio_recipe.sh    # DiT over the VAE's latents, trained after it
+#   bench/audio_recipe.sh                          # DiT over the VAE's latents, trained after it
+#   REPRESENTATION=mel bench/audio_recipe.sh       # DiT over log-mel frames, trained beside the VAE (two processes;
+#                                                  # at these sizes it did not learn: bench/RESULTS.md)
 #   DRY_RUN=1 bench/audio_recipe.sh                # a few steps per stage, to check the plumbing (a few minutes)
 #   VOCODER_CHECKPOINT=runs/vocoder_run/checkpoint-300 bench/audio_recipe.sh   # reuse a trained vocoder
 #
 # Every stage prints its wall time. The stage sizes are environment variables (VAE_STEPS=1000 ...). A vocoder of
 # its own is trained on builtin:speech's flite voices, builtin:phrases' speakers (other sentences), unless
-# VOCODER_CHECKPOINT names one. With REPRESENTATION=mel (the default) the DiT does not need the VAE, so the two
-# train at once, one thread each. Re-running replaces the runs and caches of the same names. Figures:
+# VOCODER_CHECKPOINT names one. With REPRESENTATION=mel the DiT does not need the VAE, so the two train at once,
+# one thread each. Re-running replaces the runs and caches of the same names. Figures:
 # bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ else
     SAMPLE_STEPS=${SAMPLE_STEPS:-25} JUDGE_ITEMS=${JUDGE_ITEMS:-64} CENTROID_ITEMS=${CENTROID_ITEMS:-200}
 fi
 DATA=cached_datasets/${NAME}
-REPRESENTATION=${REPRESENTATION:-mel}
+REPRESENTATION=${REPRESENTATION:-latent}
 case "$REPRESENTATION" in mel | latent) ;; *) echo "REPRESENTATION must be mel or latent, got $REPRESENTATION" >&2; exit 2 ;; esac
 OFFLINE=(--text_encoder builtin:words --speaker_encoder resemblyzer --overwrite)
 VAE_RUN=${NAME}_vae DIT_RUN=${NAME}_dit VOCODER_RUN=${NAME}_vocoder
