@@ -6,7 +6,8 @@
 #
 #   bench/vocoder_recipe.sh                  # the tiny vocoder, 15000 steps (25 minutes on one core of a 2-core
 #                                            # Xeon): runs/vocoder_recipe_tiny
-#   SIZE=small bench/vocoder_recipe.sh       # the small (Vocos-sized) vocoder: runs/vocoder_recipe_small
+#   SIZE=small bench/vocoder_recipe.sh       # the small (Vocos-sized) vocoder, 10000 steps (about 75 minutes on one
+#                                            # idle core): runs/vocoder_recipe_small
 #   DRY_RUN=1 bench/vocoder_recipe.sh        # a few steps, to check the plumbing (a few minutes)
 #
 # Every stage prints its wall time; sizes are environment variables (STEPS=..., TRAIN_ITEMS=...). One torch
@@ -22,7 +23,7 @@ TRAIN_VOICES=en-us,en-gb,en-gb-scotland,en-gb-x-rp,en-029,en-us+f3,en+f2,en-gb-x
 HELD_OUT_VOICES=en-us-nyc,en-gb-scotland+f3,rms
 case "$SIZE" in
     tiny) CONFIG=tiny_freq_domain_vocoder STEPS=${STEPS:-15000} BATCH=${BATCH:-8} LR=${LR:-2e-3} ;;
-    # small: ~0.45 s a step on one core of a 2-core Xeon (0.27 s on two), so 10000 steps fit the 90 minutes
+    # small: 0.45 s a step on one idle core of a 2-core Xeon (0.27 s on two): 10000 steps in about 75 minutes
     small) CONFIG=small_freq_domain_vocoder STEPS=${STEPS:-10000} BATCH=${BATCH:-8} LR=${LR:-1e-3} ;;
     *) echo "SIZE must be tiny or small, got $SIZE" >&2; exit 2 ;;
 esac
