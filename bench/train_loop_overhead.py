@@ -21,7 +21,6 @@ from data.text_cache import PackedBatches, TextTokenCache  # noqa: E402
 from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model import build_model  # noqa: E402
 from training.arguments import build_parser  # noqa: E402
-from training.language_modeling import lm_loss  # noqa: E402
 from training.loop import start_run, train  # noqa: E402
 from training.task import TrainingTask  # noqa: E402
 from training.schedule import make_optimizer  # noqa: E402
@@ -32,6 +31,11 @@ def fresh_model(config):
     return build_model(config)
 
 
+def next_token_loss(model, batch: dict, step: int = 0) -> torch.Tensor:
+    """batch["input_ids"]: (B, T) -> the mean next-token cross-entropy the model computes from its labels."""
+    return model(batch["input_ids"], labels=batch["input_ids"]).loss
+
+
 def bare_loop(config, batches: PackedBatches, steps: int, lr: float) -> float:
     """Seconds for `steps` of forward, backward, clip, AdamW step: nothing else."""
     model = fresh_model(config).train()
@@ -39,7 +43,7 @@ def bare_loop(config, batches: PackedBatches, steps: int, lr: float) -> float:
     start = time.perf_counter()
     for i in range(steps):
         ids = batches.batch(i)
-        model(ids, labels=ids).loss.backward()
+        next_token_loss(model, {"input_ids": ids}).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -55,7 +59,7 @@ def our_loop(config, batches: PackedBatches, steps: int, lr: float, runs_dir: st
     context = start_run(args)
     model = fresh_model(config)
     task = TrainingTask(model=model, config=config, train_batch=lambda i: {"input_ids": batches.batch(i)},
-                        loss=lm_loss, batch_size=lambda b: b["input_ids"].numel())
+                        loss=next_token_loss, batch_size=lambda b: b["input_ids"].numel())
     start = time.perf_counter()
     train(task, args, context)
     return time.perf_counter() - start
