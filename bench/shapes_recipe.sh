@@ -7,6 +7,8 @@
 #   bench/shapes_recipe.sh              # the full recipe: runs/shapes_{vae,dit}, cached_datasets/shapes_*
 #   DRY_RUN=1 bench/shapes_recipe.sh    # a few steps per stage, to check the plumbing (~1 minute):
 #                                       # runs/shapes_dry_*, cached_datasets/shapes_dry_*
+#   VAE_CHECKPOINT=runs/shapes_wm_vae/checkpoint-1800 DIT_STEPS=20000 SAVE_STEPS=5000 DIT_RUN=shapes_dit_20000 \
+#       bench/shapes_recipe.sh          # reuse a VAE (e.g. bench/wm_recipe.sh's); keep every 5000th DiT step
 #
 # Every stage prints its wall time. The stage sizes below are environment variables (VAE_STEPS=3000 ...).
 # One torch thread per process (OMP_NUM_THREADS=1) was the fastest on the shared 2-core VM; set it to the
@@ -25,8 +27,12 @@ else
 fi
 SIZE=32
 DATA=cached_datasets/${NAME}
-VAE_RUN=${NAME}_vae DIT_RUN=${NAME}_dit
-VAE_CHECKPOINT=runs/${VAE_RUN}/checkpoint-${VAE_STEPS}
+VAE_RUN=${NAME}_vae DIT_RUN=${DIT_RUN:-${NAME}_dit}
+TRAIN_VAE=0
+if [[ -z "${VAE_CHECKPOINT:-}" ]]; then
+    TRAIN_VAE=1 VAE_CHECKPOINT=runs/${VAE_RUN}/checkpoint-${VAE_STEPS}
+fi
+SAVE_STEPS=${SAVE_STEPS:-$DIT_STEPS}
 # VAE: tiny widened to 32-64-64 (two downsamplings) with 8 latent channels and an L1 + MSE loss (plain L1 leaves
 # small shapes their background's colour for longer); DiT: tiny_dit at hidden 128, depth 4 (patch 2: 16 tokens)
 VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64]" --set latent_channels=8
@@ -42,10 +48,12 @@ stage "image caches (${TRAIN_IMAGES} train, ${VAL_IMAGES} validation, ${SIZE}x${
     $PYTHON preprocess_image_vae_dataset.py --dataset_name builtin:shapes --image_size $SIZE --split validation \
         --max_images $VAL_IMAGES --output_dir ${DATA}_val_$SIZE --overwrite"
 
-stage "image VAE (${VAE_STEPS} steps)" \
-    $PYTHON pretrain_image_vae.py --run_name "$VAE_RUN" "${VAE_FLAGS[@]}" --max_steps "$VAE_STEPS" \
-        --train_data_dir "${DATA}_train_$SIZE" --val_data_dir "${DATA}_val_$SIZE" --eval_steps 500 --eval_batches 8 \
-        --save_steps "$VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
+if [[ $TRAIN_VAE == 1 ]]; then
+    stage "image VAE (${VAE_STEPS} steps)" \
+        $PYTHON pretrain_image_vae.py --run_name "$VAE_RUN" "${VAE_FLAGS[@]}" --max_steps "$VAE_STEPS" \
+            --train_data_dir "${DATA}_train_$SIZE" --val_data_dir "${DATA}_val_$SIZE" --eval_steps 500 --eval_batches 8 \
+            --save_steps "$VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
+fi
 
 stage "latent caches (builtin:words)" bash -c "
     $PYTHON preprocess_image_diffusion_dataset.py --split train --image_cache_dir ${DATA}_train_$SIZE \
@@ -57,7 +65,8 @@ stage "latent caches (builtin:words)" bash -c "
 stage "DiT (${DIT_STEPS} steps)" \
     $PYTHON pretrain_image_diffusion.py --run_name "$DIT_RUN" "${DIT_FLAGS[@]}" --max_steps "$DIT_STEPS" \
         --train_data_dir "${DATA}_train_latents" --val_data_dir "${DATA}_val_latents" --eval_steps 1000 \
-        --eval_batches 4 --save_steps "$DIT_STEPS" --save_total_limit 1 --sample_guidance_scales 1 4 \
+        --eval_batches 4 --save_steps "$SAVE_STEPS" --save_total_limit $((DIT_STEPS / SAVE_STEPS)) \
+        --sample_guidance_scales 1 4 \
         --no_progress_bar --overwrite_run
 
 stage "caption fidelity" \
@@ -65,4 +74,4 @@ stage "caption fidelity" \
         --specs_per_color "$SPECS_PER_COLOR" --num_images "$IMAGES_PER_PROMPT" --steps 25
 
 echo
-echo "recipe done in $((SECONDS - started)) s: runs/$VAE_RUN, runs/$DIT_RUN, runs/$DIT_RUN/caption_fidelity/"
+echo "recipe done in $((SECONDS - started)) s: $VAE_CHECKPOINT, runs/$DIT_RUN, runs/$DIT_RUN/caption_fidelity/"
