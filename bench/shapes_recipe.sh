@@ -51,8 +51,8 @@ stage "image caches (${TRAIN_IMAGES} train, ${VAL_IMAGES} validation, ${SIZE}x${
 if [[ $TRAIN_VAE == 1 ]]; then
     stage "image VAE (${VAE_STEPS} steps)" \
         $PYTHON pretrain_image_vae.py --run_name "$VAE_RUN" "${VAE_FLAGS[@]}" --max_steps "$VAE_STEPS" \
-            --train_data_dir "${DATA}_train_$SIZE" --val_data_dir "${DATA}_val_$SIZE" --eval_steps 500 --eval_batches 8 \
-            --save_steps "$VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
+            --train_data_dir "${DATA}_train_$SIZE" --val_data_dir "${DATA}_val_$SIZE" --eval_steps 500 \
+            --eval_batches 8 --save_steps "$VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
 fi
 
 stage "latent caches (builtin:words)" bash -c "
