@@ -7,7 +7,7 @@ run's VAE: posterior mean times the latent scale factor) are captioned greedily 
 [bos] begin-image span end-image). A caption names the right shape when its first shape word (SHAPES) is the
 image's, and the right colour when the word before that shape word is the image's shape colour (every caption
 template of builtin:shapes puts the colour right before the shape). The blind baseline answers every image with
-the most common caption of the run's training cache (a text-only model's best constant guess).
+the most common image caption of the run's training cache (a text-only model's best constant guess).
 
 Text-to-image: bench/caption_fidelity.py's measurement on the world model: the captions of --specs_per_color
 validation specs per palette colour, --num_images images each at every guidance scale (prompt [bos] caption
@@ -32,6 +32,7 @@ from PIL import Image  # noqa: E402
 
 from bench.common import measure_and_report  # noqa: E402
 from data.builtin_shapes import PALETTE, SHAPES, draw_shape, shape_specs  # noqa: E402
+from data.multimodal_batches import item_kind  # noqa: E402
 from data.multimodal_run import load_run  # noqa: E402
 from data.sharded_cache import ShardedCache  # noqa: E402
 from model.image.pipeline import decode_pixels, encode_pixels  # noqa: E402
@@ -52,6 +53,14 @@ def named_attributes(caption: str) -> tuple[str | None, str | None]:
             before = words[index - 1] if index else None
             return (before if before in PALETTE else None), word
     return None, None
+
+
+def most_common_image_caption(items) -> str:
+    """The most common caption of the image items (clips' transcripts and text items do not count)."""
+    counts = Counter(item["caption"] for item in items if item_kind(item) == "image")
+    if not counts:
+        raise ValueError("the run's training cache holds no captioned images: pass a run trained with images")
+    return counts.most_common(1)[0][0]
 
 
 def caption_accuracy(captions: list[str], specs) -> dict:
@@ -89,7 +98,7 @@ def measure(args) -> dict:
     latents = encode_pixels(vae, pixels) * scale
     captions = [tokenizer.decode(caption_media(model, row), skip_special_tokens=True) for row in latents]
     train_cache = ShardedCache(meta["train_data_dir"])
-    common = Counter(train_cache[index]["caption"] for index in range(0, len(train_cache))).most_common(1)[0][0]
+    common = most_common_image_caption(train_cache)
     captioning = {"world model": caption_accuracy(captions, specs),
                   f"blind: most common training caption ({common!r})": caption_accuracy([common] * len(specs), specs)}
 

@@ -16,7 +16,7 @@ import generate_wm
 import preprocess_audio_diffusion_dataset
 import preprocess_multimodal_dataset
 import pretrain_wm
-from bench import wm_speech_eval
+from bench import wm_shapes_eval, wm_speech_eval
 from data.multimodal_audio import ClipCodec
 from data.sharded_cache import ShardedCache
 from data.tokenizer import load_tokenizer
@@ -149,6 +149,12 @@ def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
     assert report["recognition"]["clips"] == 2 and report["text_to_speech"]["prompts"] == 2
     listed = [line.split("\t") for line in (work / "wm_speech_eval" / "prompts.tsv").read_text().splitlines()]
     assert len(listed) == 2 and all((work / "wm_speech_eval" / row[3]).is_file() for row in listed)
+    # bench/wm_shapes_eval.py on the same run: captions and images from the three-modality model
+    code, _ = run_main(wm_shapes_eval.main, ["--run_dir", runs / "wm", "--captions", 2, "--specs_per_color", 1,
+                                             "--guidance_scales", 1, "--num_images", 1, "--steps", 2,
+                                             "--output_dir", work / "wm_eval"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((work / "wm_eval" / "wm_eval.json").read_text())["captions"]["results"]["world model"]
 
     # bad input: a recording longer than the clips, a file that is not audio, speech without a voice
     write_wav(work / "long.wav", 3.0)
@@ -172,6 +178,17 @@ def test_the_recurrent_core_trains_at_sampled_depths_and_is_evaluated_at_fixed_o
     assert len(depths) >= 1 and all(value >= 1 for value in depths.values())
     one, three = scalars(accumulator, "eval/loss_steps_1")[4], scalars(accumulator, "eval/loss_steps_3")[4]
     assert one != three and "eval/audio_loss" in accumulator.Tags()["scalars"]
+
+
+def test_the_blind_captioner_answers_with_an_image_caption():
+    """In a cache where one transcript outnumbers every caption, the blind caption is still an image's."""
+    image, clip = torch.zeros(4, 8, 8), torch.zeros(40, 16)
+    items = ([{"caption": "red key four", "audio_latent_mean": clip}] * 5 + [{"caption": "hello"}] * 9 +
+             [{"caption": "a red circle", "image_latent_mean": image}] * 3 +
+             [{"caption": "a blue star", "image_latent_mean": image}] * 2)
+    assert wm_shapes_eval.most_common_image_caption(items) == "a red circle"
+    with pytest.raises(ValueError, match="no captioned images"):
+        wm_shapes_eval.most_common_image_caption(items[:14])
 
 
 def test_audio_input_that_does_not_fit_is_refused(work, capsys):
