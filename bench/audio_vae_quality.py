@@ -9,6 +9,10 @@ by preprocess_audio_diffusion_dataset.py is reconstructed (posterior mean, with 
     python bench/audio_vae_quality.py --vae_checkpoint runs/phrases_vae/checkpoint-2000 \\
         --vocoder_checkpoint runs/phrases_vocoder/checkpoint-3000 --cache_dir cached_datasets/phrases_val
 
+--pad_to FRAMES pads each utterance with silence (the VAE's pad_value) to FRAMES mel frames before it is
+reconstructed, as the world model's clips are (preprocess_multimodal_dataset.py --audio_frames), and scores the
+utterance's own frames: a VAE that attends over the whole input may treat a long padded clip worse.
+
 Prints mean ± std of each metric (PESQ and STOI skip a clip they cannot score, counted) and writes --output_json
 (default VAE_CHECKPOINT/audio_vae_quality.json) with every clip's figures.
 """
@@ -40,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocoder_checkpoint", required=True, help="a pretrain_vocoder.py checkpoint directory")
     parser.add_argument("--cache_dir", required=True, help="a preprocess_audio_diffusion_dataset.py cache")
     parser.add_argument("--max_items", type=int, default=64, help="the first N utterances of the cache")
+    parser.add_argument("--pad_to", type=int, help="pad each utterance with silence to this many mel frames first")
     parser.add_argument("--output_json", help="default VAE_CHECKPOINT/audio_vae_quality.json")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     return parser
@@ -63,7 +68,12 @@ def measure(args) -> dict:
         item = cache[index]
         mel = item["mel"].float().to(device)  # (n_mels, T)
         speaker = item["speaker_embedding"].float().to(device)[None] if vae.config.speaker_embedding_dim else None
-        reconstruction = vae(mel[None, None], speaker, sample_posterior=False)[0][0, 0]
+        frames = mel.shape[-1]
+        if args.pad_to is not None and args.pad_to < frames:
+            raise ValueError(f"--pad_to {args.pad_to} is shorter than utterance {index} of {args.cache_dir} "
+                             f"({frames} frames): pass at least the longest utterance's length")
+        padded = torch.nn.functional.pad(mel, (0, (args.pad_to or frames) - frames), value=vae.config.pad_value)
+        reconstruction = vae(padded[None, None], speaker, sample_posterior=False)[0][0, 0, :, :frames]
         real_audio, _ = synthesize(vocoder, mel[None], device, warm_up=index == 0)
         vae_audio, _ = synthesize(vocoder, reconstruction[None], device, warm_up=False)
         values = {"source_id": item.get("source_id"), "mel_l1": float((reconstruction - mel).abs().mean())}
@@ -80,7 +90,7 @@ def measure(args) -> dict:
         summary[name] = {"mean": float(found.mean()) if len(found) else None,
                          "std": float(found.std()) if len(found) else None, "count": int(len(found))}
     return {"vae_checkpoint": str(args.vae_checkpoint), "vocoder_checkpoint": str(args.vocoder_checkpoint),
-            "cache_dir": str(args.cache_dir), "summary": summary, "skipped": skipped, "clips": clips}
+            "cache_dir": str(args.cache_dir), "pad_to": args.pad_to, "summary": summary, "skipped": skipped, "clips": clips}
 
 
 def print_report(report: dict, path: Path) -> None:

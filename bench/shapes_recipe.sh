@@ -33,6 +33,10 @@ if [[ -z "${VAE_CHECKPOINT:-}" ]]; then
     TRAIN_VAE=1 VAE_CHECKPOINT=runs/${VAE_RUN}/checkpoint-${VAE_STEPS}
 fi
 SAVE_STEPS=${SAVE_STEPS:-$DIT_STEPS}
+if (( SAVE_STEPS < 1 || SAVE_STEPS > DIT_STEPS )); then
+    echo "SAVE_STEPS must be between 1 and DIT_STEPS ($DIT_STEPS), got $SAVE_STEPS" >&2
+    exit 2
+fi
 # VAE: tiny widened to 32-64-64 (two downsamplings) with 8 latent channels and an L1 + MSE loss (plain L1 leaves
 # small shapes their background's colour for longer); DiT: tiny_dit at hidden 128, depth 4 (patch 2: 16 tokens)
 VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64]" --set latent_channels=8

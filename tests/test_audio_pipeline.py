@@ -23,6 +23,7 @@ import preprocess_audio_diffusion_dataset
 import pretrain_audio_diffusion
 import pretrain_audio_vae
 from bench import audio_vae_quality, speech_judges
+from helpers import error_of
 from data.builtin_phrases import phrase_utterances, prompts_of
 from data.builtin_speech import synthesize
 from data.sharded_cache import ShardedCache
@@ -95,7 +96,7 @@ def test_cache_items_match_the_encoders_and_hold_out_prompts(caches):
     assert train.meta["counts"] == {"utterances": 8, "skipped": 0, "truncated_texts": 0}
 
 
-def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
+def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path, capsys):
     train_dir, val_dir = caches
     runs = tmp_path / "runs"
     code, report = run_main(pretrain_audio_vae.main, [
@@ -116,6 +117,16 @@ def test_from_builtin_phrases_to_a_wav(caches, vocoder_dir, tmp_path):
     quality = json.loads((tmp_path / "vae_quality.json").read_text())
     assert len(quality["clips"]) == 2 and quality["summary"]["mel_l1"]["mean"] > 0
     assert all(clip["pesq"] is None or -0.5 <= clip["pesq"] <= 4.65 for clip in quality["clips"])
+    # the same utterances padded with silence to a longer clip first (the world model's clips): other figures
+    code, _ = run_main(audio_vae_quality.main, [
+        "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint", vocoder_dir, "--cache_dir", val_dir,
+        "--max_items", "2", "--device", "cpu", "--pad_to", "400", "--output_json", tmp_path / "vae_padded.json"])
+    padded = json.loads((tmp_path / "vae_padded.json").read_text())
+    assert code == 0 and padded["pad_to"] == 400
+    assert [clip["mel_l1"] for clip in padded["clips"]] != [clip["mel_l1"] for clip in quality["clips"]]
+    assert "shorter than utterance 0" in error_of(audio_vae_quality.main, [
+        "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint", vocoder_dir, "--cache_dir", val_dir,
+        "--pad_to", "8", "--device", "cpu"], capsys)
     code, report = run_main(pretrain_audio_diffusion.main, [
         "--run_name", "dit", "--runs_dir", runs, "--diffusion_type", "tiny_dit", "--train_data_dir", train_dir,
         "--val_data_dir", val_dir, "--vae_checkpoint", runs / "vae" / "checkpoint-2", "--vocoder_checkpoint",
