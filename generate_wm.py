@@ -17,8 +17,9 @@ with an image or a recording is continued with text (a caption, a transcript). G
 model chooses (text on the KV cache, media sampled where it emits a begin token, at most --max_media more) until
 it ends the sequence or --max_new_tokens. Generated text is printed; generated images are written to
 OUTPUT_DIR/<number>-<index>.png and speech to OUTPUT_DIR/<number>-<index>.wav (vocoded by --vocoder_checkpoint,
-or Griffin-Lim without one). The encoders and tokenizer are the checkpoint's (wm_meta.json, tokenizer/);
---vae_checkpoint and --audio_vae_checkpoint point at the VAEs if they have moved (other weights are refused).
+or Griffin-Lim without one, and cut after its last sound: a clip's padding is silence). The encoders and tokenizer
+are the checkpoint's (wm_meta.json, tokenizer/); --vae_checkpoint and --audio_vae_checkpoint point at the VAEs if
+they have moved (other weights are refused).
 """
 
 import argparse

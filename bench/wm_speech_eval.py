@@ -12,7 +12,9 @@ text-only model's best constant guess).
 Text-to-speech: the transcripts of --prompts validation clips (taken from each speaker in turn), each spoken in
 the voice of its clip
 (prompt [bos] transcript begin-audio, the clip's speaker embedding, seed fixed per prompt) at --guidance_scale, and
-the real clip decoded through the same audio VAE and vocoder (the ceiling a judge compares against), written to
+the real clip decoded through the same audio VAE and vocoder (the ceiling a judge compares against), both cut
+after their last sound (data/multimodal_audio.ClipCodec.waveform: vocoded padding sounds like words to a
+recogniser; --keep_padding keeps it), written to
 OUTPUT_DIR/tts/NNN-SPEAKER.wav and OUTPUT_DIR/real/NNN-SPEAKER.wav with OUTPUT_DIR/prompts.tsv (index, speaker,
 transcript, generated, real), for the speech judges (pocketsphinx WER and the speaker judge). Writes
 OUTPUT_DIR/wm_speech_eval.json (default <run dir>/wm_speech_eval/).
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_scale", type=float, help="text-to-speech guidance (default: the config's)")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the config's sampling_steps)")
     parser.add_argument("--vocoder_checkpoint", help="a pretrain_vocoder.py checkpoint (default: Griffin-Lim)")
+    parser.add_argument("--keep_padding", action="store_true",
+                        help="write whole clips, silence padding included (default: cut after the speech)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", help="default: <run dir>/wm_speech_eval")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -107,7 +111,7 @@ def measure(args) -> dict:
     output_dir = Path(args.output_dir or checkpoint.parent / "wm_speech_eval")
     for folder in ("tts", "real"):
         (output_dir / folder).mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, trim = [], not args.keep_padding
     for index, item in enumerate(voices[:args.prompts]):
         speaker = item["audio_condition"].float().to(device)
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + index)
@@ -115,13 +119,14 @@ def measure(args) -> dict:
                                guidance_scale=args.guidance_scale, steps=args.steps, generator=generator,
                                condition=speaker)
         name = f"{index:03d}-{item['speaker'] or 'unknown'}.wav"
-        soundfile.write(str(output_dir / "tts" / name), codec.waveform(frames, speaker).numpy(), codec.sample_rate)
-        real = codec.waveform(item["audio_latent_mean"].float().to(device) * scale, speaker)
+        spoken = codec.waveform(frames, speaker, trim)
+        soundfile.write(str(output_dir / "tts" / name), spoken.numpy(), codec.sample_rate)
+        real = codec.waveform(item["audio_latent_mean"].float().to(device) * scale, speaker, trim)
         soundfile.write(str(output_dir / "real" / name), real.numpy(), codec.sample_rate)
         rows.append([index, item["speaker"], item["caption"], f"tts/{name}", f"real/{name}"])
     (output_dir / "prompts.tsv").write_text("".join("\t".join(map(str, row)) + "\n" for row in rows))
     return {"checkpoint": str(checkpoint.resolve()), "output_dir": str(output_dir),
-            "vocoder": args.vocoder_checkpoint or "Griffin-Lim",
+            "vocoder": args.vocoder_checkpoint or "Griffin-Lim", "padding": "kept" if args.keep_padding else "cut",
             "recognition": {"clips": len(truths), "wer": recognition,
                             "examples": [[truth, text] for truth, text in zip(truths[:10], heard[:10])]},
             "text_to_speech": {"prompts": len(rows), "guidance_scale": args.guidance_scale, "steps": args.steps}}

@@ -8,7 +8,8 @@ and speaker embeddings.
     clips.describe()                                       # meta.json's media.audio (with every encoder used)
     codec = ClipCodec(meta["media"]["audio"], device, vocoder_checkpoint=None)   # a run's clips both ways
     frames, speaker = codec.read("in.wav")                 # a recording -> frames (scaled) and its speaker embedding
-    waveform = codec.waveform(frames, speaker)             # frames -> log-mel -> (S,) float32 at codec.sample_rate
+    waveform = codec.waveform(frames, speaker)             # frames -> log-mel -> (S,) float32 at codec.sample_rate,
+                                                           # cut after the speech (trim_silence=False keeps the padding)
 
 A clip's log-mel is padded on the right with silence (the log-mel floor) to `mel_frames` (longer utterances are
 skipped and counted) and turned into frames by model/audio/diffusion.py's FrameCodec: the audio VAE's posterior
@@ -31,7 +32,7 @@ from data.audio_sources import AudioDecodeError, AudioRecord, decode_record
 from data.image_latents import LatentStatistics, checkpoint_fingerprint
 from data.sharded_cache import ShardedCache
 from model.audio.diffusion import FrameCodec
-from model.audio.features import AudioFeatureConfig, log_mel
+from model.audio.features import AudioFeatureConfig, log_mel, speech_end
 from model.audio.griffin_lim import GriffinLimVocoder
 from model.audio.pipeline import load_audio_vae_checkpoint
 from model.audio.speaker_encoders import speaker_encoder_from_description
@@ -175,9 +176,14 @@ class ClipCodec:
         return self.codec.decode(unscaled, speaker)[0]
 
     @torch.no_grad()
-    def waveform(self, frames: torch.Tensor, speaker: torch.Tensor | None) -> torch.Tensor:
-        """frames as for mel → the waveform (S,) float32 in [-1, 1] on the CPU."""
-        return self.vocoder(self.mel(frames, speaker)[None])[0][0].float().clamp(-1, 1).cpu()
+    def waveform(self, frames: torch.Tensor, speaker: torch.Tensor | None, trim_silence: bool = True) -> torch.Tensor:
+        """frames as for mel → the waveform (S,) float32 in [-1, 1] on the CPU. With trim_silence the log-mel is cut
+        after its last sounding frame first (model/audio/features.speech_end): a clip is an utterance padded with
+        silence, and a vocoder turns the padding's log floor into a faint noise that a recogniser hears as words."""
+        mel = self.mel(frames, speaker)
+        if trim_silence:
+            mel = mel[:, :speech_end(mel)]
+        return self.vocoder(mel[None])[0][0].float().clamp(-1, 1).cpu()
 
     def _load(self, path) -> torch.Tensor:
         """A recording → its waveform (S,) at the features' rate, mixed to mono (ValueError when unreadable)."""

@@ -8,7 +8,7 @@ import torch
 import torchaudio
 
 from model.audio.features import (WINDOWS, AudioFeatureConfig, istft, log_mel, magnitude_from_mel, mel_filterbank,
-                                  num_frames, num_samples, stft)
+                                  num_frames, num_samples, speech_end, stft)
 
 CONFIGS = {
     "default": AudioFeatureConfig(),
@@ -183,3 +183,31 @@ def test_magnitude_from_mel_is_torchaudios_inverse_mel_scale(name):
     banks = mel_filterbank(cfg, torch.device("cpu"))
     reanalysed = torch.log(torch.clamp(torch.einsum("fm,bft->bmt", banks, magnitude), min=cfg.log_floor))
     assert (reanalysed - mel).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("tail_db, kept", [(-50.0, True), (-70.0, False)])
+def test_speech_end_cuts_silence_and_keeps_a_tail_within_top_db(tail_db, kept):
+    """A loud tone (0.5 s), a quiet one (0.25 s, tail_db below it), then digital silence padded to 2 s: the cut
+    falls at the end of the last tone within 60 dB, give or take the frames whose window straddles the edge."""
+    cfg = AudioFeatureConfig()
+    rate, hop = cfg.sample_rate, cfg.hop_length
+    t = torch.arange(rate // 2) / rate
+    loud = 0.5 * torch.sin(2 * math.pi * 440 * t)
+    quiet = loud[: rate // 4] * 10 ** (tail_db / 20)
+    waveform = torch.cat([loud, quiet, torch.zeros(2 * rate - loud.numel() - quiet.numel())])
+    mel = log_mel(waveform, cfg)
+    end_of_sound = (loud.numel() + (quiet.numel() if kept else 0)) / hop
+    straddling = cfg.n_fft // (2 * hop) + 1
+    assert abs(speech_end(mel) - end_of_sound) <= straddling
+    assert speech_end(mel, top_db=80.0) >= (loud.numel() + quiet.numel()) / hop - straddling  # a wider range keeps both
+
+
+def test_speech_end_of_pure_silence_keeps_everything_and_refuses_bad_input():
+    silence = torch.full((80, 12), math.log(1e-5))
+    assert speech_end(silence) == 12  # every frame is as loud as the loudest
+    with pytest.raises(ValueError, match="one log-mel"):
+        speech_end(silence[None])
+    with pytest.raises(ValueError, match="one log-mel"):
+        speech_end(silence[:, :0])
+    with pytest.raises(ValueError, match="top_db must be positive"):
+        speech_end(silence, top_db=0)

@@ -104,6 +104,10 @@ def test_the_cache_holds_clips_in_both_orders_and_records_every_encoder(work):
     assert restored.shape == (80, meta["mel_frames"])
     torch.testing.assert_close(restored[:, :frames_of_speech], spoken["mel"].float(), atol=0.02, rtol=0.0)
     assert torch.allclose(restored[:, frames_of_speech:], torch.full((1,), meta["silence"]), atol=0.02)
+    # its sound ends where the utterance did (a real recording's quiet tail may go too); the padding only on request
+    codec = ClipCodec(meta, "cpu")
+    assert frames_of_speech - 8 <= codec.waveform(frames, None).numel() // HOP + 1 <= frames_of_speech
+    assert codec.waveform(frames, None, trim_silence=False).numel() // HOP + 1 == meta["mel_frames"]
 
 
 def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
@@ -138,7 +142,8 @@ def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
                                                 "--output_dir", work / "spoken"])
     assert code == 0, capsys.readouterr().err
     samples, rate = soundfile.read(str(work / "spoken" / "0-0.wav"))
-    assert rate == RATE and len(samples) == (AUDIO_FRAMES - 1) * HOP  # one clip of the run's length
+    # at most one clip of the run's length, cut after its last sound
+    assert rate == RATE and 0 < len(samples) <= (AUDIO_FRAMES - 1) * HOP and len(samples) % HOP == 0
 
     # bench/wm_speech_eval.py: transcripts of validation clips, and their transcripts spoken in the clips' voices
     code, printed = run_main(wm_speech_eval.main, ["--run_dir", runs / "wm", "--val_data_dir", work / "val",
@@ -149,6 +154,17 @@ def test_three_modalities_train_then_transcribe_and_speak(work, capsys):
     assert report["recognition"]["clips"] == 2 and report["text_to_speech"]["prompts"] == 2
     listed = [line.split("\t") for line in (work / "wm_speech_eval" / "prompts.tsv").read_text().splitlines()]
     assert len(listed) == 2 and all((work / "wm_speech_eval" / row[3]).is_file() for row in listed)
+    # whole clips with --keep_padding (the cut itself is tested on real clips above: this run's VAE is untrained)
+    code, _ = run_main(wm_speech_eval.main, ["--run_dir", runs / "wm", "--val_data_dir", work / "val", "--clips", 1,
+                                             "--prompts", 2, "--steps", 2, "--device", "cpu", "--keep_padding",
+                                             "--output_dir", work / "wm_speech_padded"])
+    assert code == 0, capsys.readouterr().err
+    for row in listed:
+        cut = soundfile.info(str(work / "wm_speech_eval" / row[4])).frames
+        whole = soundfile.info(str(work / "wm_speech_padded" / row[4])).frames
+        assert whole == (AUDIO_FRAMES - 1) * HOP and 0 < cut <= whole
+    assert json.loads((work / "wm_speech_padded" / "wm_speech_eval.json").read_text())["padding"] == "kept"
+    assert report["padding"] == "cut"
     # bench/wm_shapes_eval.py on the same run: captions and images from the three-modality model
     code, _ = run_main(wm_shapes_eval.main, ["--run_dir", runs / "wm", "--captions", 2, "--specs_per_color", 1,
                                              "--guidance_scales", 1, "--num_images", 1, "--steps", 2,

@@ -6,6 +6,7 @@ One code path everywhere, so a vocoder sees at inference exactly the mel it was 
     mel = log_mel(waveform, cfg)                   # waveform (B, S) -> mel (B, 80, 1 + S // 256)
     spec = stft(waveform, cfg)                     # (B, 513, 1 + S // 256) complex
     audio = istft(spec, cfg)                       # (B, (frames - 1) * 256)
+    mel[..., :speech_end(mel[0])]                  # one clip without its trailing silence
 
 Framing is centred (torch.stft `center=True`, reflect padding): frame t is centred on sample
 t * hop_length, so S samples give `num_frames(S) = 1 + S // hop_length` frames and T frames invert to
@@ -19,6 +20,7 @@ log of the mel energies clamped below at `log_floor`. Everything is computed in 
 """
 
 import dataclasses
+import math
 from functools import lru_cache
 from typing import Optional
 
@@ -191,3 +193,20 @@ def log_mel(waveform: torch.Tensor, cfg: AudioFeatureConfig) -> torch.Tensor:
     magnitude = stft(waveform.reshape(-1, waveform.shape[-1]), cfg).abs()
     mel = mel_from_magnitude(magnitude, cfg)
     return mel.reshape(*leading, cfg.n_mels, mel.shape[-1])
+
+
+DECIBELS_PER_NAT = 20 / math.log(10)  # log-mel is ln(magnitude), and 20 log10(m) dB = (20 / ln 10) ln(m)
+
+
+def speech_end(mel: torch.Tensor, top_db: float = 60.0) -> int:
+    """The frames of a log-mel (n_mels, T) that hold sound: 1 + the index of its last frame whose loudest bin is
+    within top_db of the clip's loudest bin (librosa.effects.trim's rule, on the right end only). Silence padding
+    (the log floor, 115 dB below full scale at 1e-5) is cut; a real recording's own quiet tail (40-60 dB down)
+    is kept. At least 1."""
+    if mel.dim() != 2 or mel.shape[-1] == 0:
+        raise ValueError(f"speech_end takes one log-mel (n_mels, T) with T >= 1, got shape {tuple(mel.shape)}")
+    if top_db <= 0:
+        raise ValueError(f"top_db must be positive, got {top_db}")
+    loudness = mel.float().amax(dim=0)
+    loud = (loudness >= loudness.max() - top_db / DECIBELS_PER_NAT).nonzero()
+    return int(loud[-1]) + 1
