@@ -4,7 +4,8 @@
 # -> image VAE -> interleaved caches (clips padded to AUDIO_FRAMES mel frames, as audio-VAE latents or log-mel
 # frames; a BPE trained on captions and transcripts; both orders per image and clip) -> world model
 # (multimodal/tiny, or multimodal/tiny_recurrent with BACKBONE=recurrent) -> recognition and text-to-speech
-# (bench/wm_speech_eval.py) -> captioning and text-to-image (bench/wm_shapes_eval.py).
+# (bench/wm_speech_eval.py) -> the speech judges (bench/speech_judges.py --listing: pocketsphinx WER and a
+# resemblyzer speaker judge) -> captioning and text-to-image (bench/wm_shapes_eval.py).
 #
 #   bench/wm_audio_recipe.sh                          # runs/wm_audio*, cached_datasets/wm_audio_*
 #   BACKBONE=recurrent WM_RUN=wm_audio_recurrent bench/wm_audio_recipe.sh      # the recurrent core
@@ -27,13 +28,14 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     VAL_IMAGES=${VAL_IMAGES:-16} AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-4} IMAGE_VAE_STEPS=${IMAGE_VAE_STEPS:-4}
     AUDIO_VAE_CLIP_STEPS=${AUDIO_VAE_CLIP_STEPS:-2}
     WM_STEPS=${WM_STEPS:-8} CLIPS=${CLIPS:-4} PROMPTS=${PROMPTS:-2} CAPTIONS=${CAPTIONS:-4} SPECS_PER_COLOR=1
-    SAMPLE_STEPS=${SAMPLE_STEPS:-2} WM_BATCH=${WM_BATCH:-8}
+    SAMPLE_STEPS=${SAMPLE_STEPS:-2} WM_BATCH=${WM_BATCH:-8} CENTROID_ITEMS=${CENTROID_ITEMS:-16}
 else
     NAME=wm_audio TRAIN_ITEMS=${TRAIN_ITEMS:-2000} VAL_ITEMS=${VAL_ITEMS:-200} TRAIN_IMAGES=${TRAIN_IMAGES:-4000}
     VAL_IMAGES=${VAL_IMAGES:-500} AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-1000} IMAGE_VAE_STEPS=${IMAGE_VAE_STEPS:-1800}
     AUDIO_VAE_CLIP_STEPS=${AUDIO_VAE_CLIP_STEPS:-400}
     WM_STEPS=${WM_STEPS:-6000} CLIPS=${CLIPS:-200} PROMPTS=${PROMPTS:-32} CAPTIONS=${CAPTIONS:-200}
     SPECS_PER_COLOR=${SPECS_PER_COLOR:-4} SAMPLE_STEPS=${SAMPLE_STEPS:-25} WM_BATCH=${WM_BATCH:-32}
+    CENTROID_ITEMS=${CENTROID_ITEMS:-200}
 fi
 DATA=cached_datasets/${NAME}
 WM_RUN=${WM_RUN:-${NAME}}
@@ -114,6 +116,9 @@ stage "world model (${CONFIG}, ${WM_STEPS} steps)" \
 stage "recognition and text-to-speech" \
     $PYTHON bench/wm_speech_eval.py --run_dir "runs/$WM_RUN" --val_data_dir "${DATA}_val" --clips "$CLIPS" \
         --prompts "$PROMPTS" --steps "$SAMPLE_STEPS" "${VOCODER_FLAGS[@]}"
+
+stage "speech judges: pocketsphinx WER and the speaker judge, generated against the real clips decoded back" \
+    $PYTHON bench/speech_judges.py --listing "runs/$WM_RUN/wm_speech_eval/prompts.tsv" --centroid_items "$CENTROID_ITEMS"
 
 stage "captioning and text-to-image" \
     $PYTHON bench/wm_shapes_eval.py --run_dir "runs/$WM_RUN" --captions "$CAPTIONS" --guidance_scales 1 2 4 \
