@@ -200,7 +200,7 @@ def measure(args) -> dict:
 def print_table(report: dict, path: Path) -> None:
     print(f"{'':28} {'WER grammar':>11} {'WER open':>9} {'speaker':>8} {'clips':>6}")
     for name, result in report["sets"].items():
-        label = LABELS.get(name, name)
+        label = name if report["listing"] else LABELS.get(name, name)  # a listing's sets are its wav folders
         for key, figures in [("", result["overall"])] + list(result["per_speaker"].items()):
             title = label if not key else f"  {key}"
             print(f"{title:28} {figures['wer_grammar']:11.1%} {figures['wer_open']:9.1%} "

@@ -147,6 +147,8 @@ def test_the_bench_cli_judges_real_recordings_and_checks_its_flags(tmp_path, cap
         rows.append(f"{index}\t{clip_row['speaker']}\t{clip_row['text']}\t{wav}\treal/{Path(clip_row['path']).name}\n")
     (tmp_path / "prompts.tsv").write_text("".join(rows))
     assert speech_judges.main(["--listing", str(tmp_path / "prompts.tsv"), "--centroid_items", "12"]) == 0
+    printed = capsys.readouterr().out  # a listing's sets are named by their folders: its "real" may be decoded
+    assert "\nreal " in printed and "\nnoise " in printed and "recordings (ceiling)" not in printed
     listed = json.loads((tmp_path / "judges.json").read_text())["sets"]
     assert listed["real"]["overall"] == real["overall"] and listed["noise"]["overall"]["wer_grammar"] == 1.0
     (tmp_path / "bad.tsv").write_text("0\tjohn\tred box one\treal/000.wav\n")
