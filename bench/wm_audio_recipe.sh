@@ -17,7 +17,8 @@
 #
 # Speech is vocoded by VOCODER_CHECKPOINT (e.g. bench/audio_recipe.sh's vocoder) or, without one, Griffin-Lim.
 # The audio VAE needs the same mel features as the vocoder (both use the defaults here). Every stage prints its
-# wall time; the stage sizes are environment variables. OMP_NUM_THREADS defaults to 1.
+# wall time; the stage sizes are environment variables. OMP_NUM_THREADS defaults to 1. The audio and image VAEs
+# train side by side (one process each) when both are needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,32 +59,38 @@ stage "utterance caches (builtin:phrases: ${TRAIN_ITEMS} train, ${VAL_ITEMS} val
         --num_items $VAL_ITEMS --output_dir ${DATA}_utterances_val ${OFFLINE[*]}"
 
 AUDIO_FLAGS=(--audio_representation "$AUDIO_REPRESENTATION" --audio_frames "$AUDIO_FRAMES")
+TRAIN_AUDIO_VAE=0 TRAIN_IMAGE_VAE=0
 if [[ "$AUDIO_REPRESENTATION" == latent ]]; then
     if [[ -z "${AUDIO_VAE_CHECKPOINT:-}" ]]; then
-        # first on 96-frame crops of speech, then on whole clips padded with silence to AUDIO_FRAMES, as the world
-        # model's spans hold them: the VAE attends over the whole input, and one trained only on short crops of
-        # speech reconstructs a long padded clip badly (mel L1 0.48 against 0.35 unpadded; 0.31 after the second
-        # stage)
-        VAE_FLAGS=(--config tiny --set "block_out_channels=[32, 64, 64, 64]"
-                   --train_cache_dir "${DATA}_utterances_train" --val_cache_dir "${DATA}_utterances_val"
-                   "${VOCODER_FLAGS[@]}" --batch_size 16 --learning_rate 5e-4 --eval_batches 4 --save_total_limit 1
-                   --no_progress_bar --overwrite_run)
-        stage "audio VAE (${AUDIO_VAE_STEPS} steps on 96-frame crops)" \
-            $PYTHON pretrain_audio_vae.py --run_name "${NAME}_audio_vae_crops" "${VAE_FLAGS[@]}" --segment_frames 96 \
-                --max_steps "$AUDIO_VAE_STEPS" --eval_steps "$AUDIO_VAE_STEPS" --save_steps "$AUDIO_VAE_STEPS"
-        CLIP_TOTAL=$((AUDIO_VAE_STEPS + AUDIO_VAE_CLIP_STEPS))
-        stage "audio VAE (${AUDIO_VAE_CLIP_STEPS} more steps on clips padded to ${AUDIO_FRAMES} frames)" \
-            $PYTHON pretrain_audio_vae.py --run_name "${NAME}_audio_vae" "${VAE_FLAGS[@]}" \
-                --segment_frames "$AUDIO_FRAMES" --max_steps "$CLIP_TOTAL" --eval_steps "$CLIP_TOTAL" \
-                --save_steps "$CLIP_TOTAL" \
-                --resume_from_checkpoint "runs/${NAME}_audio_vae_crops/checkpoint-${AUDIO_VAE_STEPS}"
-        AUDIO_VAE_CHECKPOINT=runs/${NAME}_audio_vae/checkpoint-${CLIP_TOTAL}
+        TRAIN_AUDIO_VAE=1
+        AUDIO_VAE_CHECKPOINT=runs/${NAME}_audio_vae/checkpoint-$((AUDIO_VAE_STEPS + AUDIO_VAE_CLIP_STEPS))
     fi
     AUDIO_FLAGS+=(--audio_vae_checkpoint "$AUDIO_VAE_CHECKPOINT")
 fi
-
 if [[ -z "${IMAGE_VAE_CHECKPOINT:-}" ]]; then
+    TRAIN_IMAGE_VAE=1
     IMAGE_VAE_CHECKPOINT=runs/${NAME}_image_vae/checkpoint-${IMAGE_VAE_STEPS}
+fi
+
+# first on 96-frame crops of speech, then on whole clips padded with silence to AUDIO_FRAMES, as the world model's
+# spans hold them: the VAE attends over the whole input, and one trained only on short crops of speech reconstructs
+# a long padded clip badly (mel L1 0.48 against 0.35 unpadded; 0.31 after the second stage)
+train_audio_vae() {
+    local flags=(--config tiny --set "block_out_channels=[32, 64, 64, 64]"
+                 --train_cache_dir "${DATA}_utterances_train" --val_cache_dir "${DATA}_utterances_val"
+                 "${VOCODER_FLAGS[@]}" --batch_size 16 --learning_rate 5e-4 --eval_batches 4 --save_total_limit 1
+                 --no_progress_bar --overwrite_run)
+    local total=$((AUDIO_VAE_STEPS + AUDIO_VAE_CLIP_STEPS))
+    stage "audio VAE (${AUDIO_VAE_STEPS} steps on 96-frame crops)" \
+        $PYTHON pretrain_audio_vae.py --run_name "${NAME}_audio_vae_crops" "${flags[@]}" --segment_frames 96 \
+            --max_steps "$AUDIO_VAE_STEPS" --eval_steps "$AUDIO_VAE_STEPS" --save_steps "$AUDIO_VAE_STEPS"
+    stage "audio VAE (${AUDIO_VAE_CLIP_STEPS} more steps on clips padded to ${AUDIO_FRAMES} frames)" \
+        $PYTHON pretrain_audio_vae.py --run_name "${NAME}_audio_vae" "${flags[@]}" --segment_frames "$AUDIO_FRAMES" \
+            --max_steps "$total" --eval_steps "$total" --save_steps "$total" \
+            --resume_from_checkpoint "runs/${NAME}_audio_vae_crops/checkpoint-${AUDIO_VAE_STEPS}"
+}
+
+train_image_vae() {
     stage "image caches (${TRAIN_IMAGES} train, ${VAL_IMAGES} validation, 32x32)" bash -c "
         $PYTHON preprocess_image_vae_dataset.py --dataset_name builtin:shapes --image_size 32 --split train \
             --max_images $TRAIN_IMAGES --output_dir ${DATA}_images_train --overwrite &&
@@ -96,6 +103,19 @@ if [[ -z "${IMAGE_VAE_CHECKPOINT:-}" ]]; then
             --train_data_dir "${DATA}_images_train" \
             --val_data_dir "${DATA}_images_val" --eval_steps "$IMAGE_VAE_STEPS" --eval_batches 8 \
             --save_steps "$IMAGE_VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
+}
+
+if [[ $TRAIN_AUDIO_VAE == 1 && $TRAIN_IMAGE_VAE == 1 ]]; then  # independent: one process each, side by side (their
+    train_audio_vae > >(sed -u 's/^/[audio VAE] /') 2>&1 &     # output interleaves, each line prefixed)
+    audio_pid=$!
+    train_image_vae > >(sed -u 's/^/[image VAE] /') 2>&1 &
+    image_pid=$!
+    wait $audio_pid || { echo "the audio VAE failed" >&2; kill $image_pid 2>/dev/null; exit 1; }
+    wait $image_pid || { echo "the image VAE failed" >&2; exit 1; }
+    echo "=== audio and image VAEs done (total $((SECONDS - started)) s)"
+else
+    [[ $TRAIN_AUDIO_VAE == 0 ]] || train_audio_vae
+    [[ $TRAIN_IMAGE_VAE == 0 ]] || train_image_vae
 fi
 
 stage "interleaved caches (images and ${AUDIO_REPRESENTATION} clips of ${AUDIO_FRAMES} mel frames, BPE)" bash -c "
