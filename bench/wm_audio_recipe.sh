@@ -11,6 +11,7 @@
 #   BACKBONE=recurrent WM_RUN=wm_audio_recurrent bench/wm_audio_recipe.sh      # the recurrent core
 #   AUDIO_REPRESENTATION=mel bench/wm_audio_recipe.sh                         # log-mel frames, no audio VAE
 #   WM_CONFIG=multimodal/tiny_deep WM_RUN=wm_audio_deep bench/wm_audio_recipe.sh  # plain stack, the recurrent core's compute
+#   WM_CONFIG=multimodal/tiny_wide WM_STEPS=8000 WM_RUN=wm_audio_wide bench/wm_audio_recipe.sh  # wider, tiny's compute
 #   AUDIO_VAE_CHECKPOINT=runs/wm_audio_audio_vae/checkpoint-1400 VOCODER_CHECKPOINT=runs/phrases_vocoder/checkpoint-8000 \
 #       IMAGE_VAE_CHECKPOINT=runs/shapes_wm_vae/checkpoint-1800 bench/wm_audio_recipe.sh   # reuse trained parts
 #   DRY_RUN=1 bench/wm_audio_recipe.sh                # a few steps per stage, to check the plumbing
@@ -31,10 +32,10 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     WM_STEPS=${WM_STEPS:-8} CLIPS=${CLIPS:-4} PROMPTS=${PROMPTS:-2} CAPTIONS=${CAPTIONS:-4} SPECS_PER_COLOR=1
     SAMPLE_STEPS=${SAMPLE_STEPS:-2} WM_BATCH=${WM_BATCH:-8} CENTROID_ITEMS=${CENTROID_ITEMS:-16}
 else
-    NAME=wm_audio TRAIN_ITEMS=${TRAIN_ITEMS:-2000} VAL_ITEMS=${VAL_ITEMS:-200} TRAIN_IMAGES=${TRAIN_IMAGES:-4000}
+    NAME=wm_audio TRAIN_ITEMS=${TRAIN_ITEMS:-8000} VAL_ITEMS=${VAL_ITEMS:-200} TRAIN_IMAGES=${TRAIN_IMAGES:-4000}
     VAL_IMAGES=${VAL_IMAGES:-500} AUDIO_VAE_STEPS=${AUDIO_VAE_STEPS:-1000} IMAGE_VAE_STEPS=${IMAGE_VAE_STEPS:-1800}
     AUDIO_VAE_CLIP_STEPS=${AUDIO_VAE_CLIP_STEPS:-400}
-    WM_STEPS=${WM_STEPS:-6000} CLIPS=${CLIPS:-200} PROMPTS=${PROMPTS:-32} CAPTIONS=${CAPTIONS:-200}
+    WM_STEPS=${WM_STEPS:-20000} CLIPS=${CLIPS:-200} PROMPTS=${PROMPTS:-96} CAPTIONS=${CAPTIONS:-200}
     SPECS_PER_COLOR=${SPECS_PER_COLOR:-4} SAMPLE_STEPS=${SAMPLE_STEPS:-25} WM_BATCH=${WM_BATCH:-32}
     CENTROID_ITEMS=${CENTROID_ITEMS:-200}
 fi

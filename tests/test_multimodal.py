@@ -224,6 +224,10 @@ def test_registry_configs_build():
     blocks_at_mean_depth = (recurrent.n_prelude_layers + recurrent.n_coda_layers
                             + recurrent.n_recurrent_layers * recurrent.recurrent_mean_thinking_steps)
     assert deep.n_layers == blocks_at_mean_depth  # the plain stack at the recurrent core's compute
+    # tiny_wide is the run of bench/RESULTS.md that was trained as tiny with these overrides
+    wide = MultimodalConfig.from_name("tiny").with_overrides(["hidden_size=192", "n_layers=6", "n_heads=6",
+                                                              "n_query_groups=2", "intermediate_size=512"])
+    assert {**wide.to_dict(), "name": "tiny_wide"} == MultimodalConfig.from_name("tiny_wide").to_dict()
     assert is_multimodal_config("multimodal/tiny") and is_multimodal_config("configs/multimodal/small.yaml")
     assert not is_multimodal_config("tiny") and not is_multimodal_config("configs/causal/tiny.yaml")
 
