@@ -82,14 +82,8 @@ train_dit() {  # mel: 4 frames a token; latent: one latent frame (8 mel frames) 
 if [[ $REPRESENTATION == latent ]]; then
     train_vae
     train_dit
-else  # independent: one process each (their output interleaves; each stage's lines are prefixed)
-    train_vae > >(sed -u 's/^/[vae] /') 2>&1 &
-    vae_pid=$!
-    train_dit > >(sed -u 's/^/[dit] /') 2>&1 &
-    dit_pid=$!
-    wait $vae_pid || { echo "the audio VAE failed" >&2; kill $dit_pid 2>/dev/null; exit 1; }
-    wait $dit_pid || { echo "the DiT failed" >&2; exit 1; }
-    echo "=== audio VAE and DiT done (total $((SECONDS - started)) s)"
+else  # independent: side by side, one process each
+    side_by_side "audio VAE" train_vae "DiT" train_dit
 fi
 
 stage "the VAE through the vocoder (${JUDGE_ITEMS} validation utterances)" \

@@ -106,14 +106,8 @@ train_image_vae() {
             --save_steps "$IMAGE_VAE_STEPS" --save_total_limit 1 --no_progress_bar --overwrite_run
 }
 
-if [[ $TRAIN_AUDIO_VAE == 1 && $TRAIN_IMAGE_VAE == 1 ]]; then  # independent: one process each, side by side (their
-    train_audio_vae > >(sed -u 's/^/[audio VAE] /') 2>&1 &     # output interleaves, each line prefixed)
-    audio_pid=$!
-    train_image_vae > >(sed -u 's/^/[image VAE] /') 2>&1 &
-    image_pid=$!
-    wait $audio_pid || { echo "the audio VAE failed" >&2; kill $image_pid 2>/dev/null; exit 1; }
-    wait $image_pid || { echo "the image VAE failed" >&2; exit 1; }
-    echo "=== audio and image VAEs done (total $((SECONDS - started)) s)"
+if [[ $TRAIN_AUDIO_VAE == 1 && $TRAIN_IMAGE_VAE == 1 ]]; then  # independent: side by side, one process each
+    side_by_side "audio VAE" train_audio_vae "image VAE" train_image_vae
 else
     [[ $TRAIN_AUDIO_VAE == 0 ]] || train_audio_vae
     [[ $TRAIN_IMAGE_VAE == 0 ]] || train_image_vae
