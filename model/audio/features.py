@@ -201,8 +201,8 @@ DECIBELS_PER_NAT = 20 / math.log(10)  # log-mel is ln(magnitude), and 20 log10(m
 def speech_end(mel: torch.Tensor, top_db: float = 60.0) -> int:
     """The frames of a log-mel (n_mels, T) that hold sound: 1 + the index of its last frame whose loudest bin is
     within top_db of the clip's loudest bin (librosa.effects.trim's rule, on the right end only). Silence padding
-    (the log floor, 115 dB below full scale at 1e-5) is cut; a real recording's own quiet tail (40-60 dB down)
-    is kept. At least 1."""
+    (the log floor: a magnitude of 1e-5, about 100 dB below speech's loudest bins) is cut; a recording's own quiet
+    tail is kept down to top_db. At least 1."""
     if mel.dim() != 2 or mel.shape[-1] == 0:
         raise ValueError(f"speech_end takes one log-mel (n_mels, T) with T >= 1, got shape {tuple(mel.shape)}")
     if top_db <= 0:
