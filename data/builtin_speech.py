@@ -23,6 +23,7 @@ WAV with soundfile. Sentences last about 2 to 5 seconds.
 import dataclasses
 import hashlib
 import io
+import os
 import random
 import shutil
 import subprocess
@@ -205,11 +206,12 @@ def synthesize(item: Utterance) -> tuple[np.ndarray, int]:
     SpeechUnavailableError if the synthesiser is missing or fails."""
     program = synthesiser(item.voice)
     path = require_synthesisers((item.voice,))[program]
-    if program == ESPEAK:
-        result = _run([path, "-v", item.voice, "-s", str(item.speed), "-p", str(item.pitch), "--stdout", item.text])
-        audio = result.stdout
-    else:
-        with tempfile.TemporaryDirectory(prefix="builtin_speech_") as folder:
+    with tempfile.TemporaryDirectory(prefix="builtin_speech_") as folder:
+        if program == ESPEAK:
+            command = [path, "-v", item.voice, "-s", str(item.speed), "-p", str(item.pitch), "--stdout", item.text]
+            result = _run(command, espeak_environment(folder))
+            audio = result.stdout
+        else:
             output = Path(folder) / "speech.wav"
             stretch = f"duration_stretch={FLITE_REFERENCE_SPEED / item.speed:.4f}"
             result = _run([path, "-voice", item.voice, "--setf", stretch, "-t", item.text, "-o", str(output)])
@@ -222,5 +224,16 @@ def synthesize(item: Utterance) -> tuple[np.ndarray, int]:
     return waveform, sample_rate
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=SYNTHESIS_TIMEOUT_S)
+def espeak_environment(folder: str) -> dict[str, str]:
+    """The environment for one espeak-ng call: HOME and XDG_RUNTIME_DIR in the call's own empty `folder`.
+
+    espeak-ng opens a PulseAudio client even when it writes to stdout, and that client consumes C `rand()` values
+    (the first call on a machine names a new /tmp/pulse-* directory; later ones find it). The breathy voices
+    (variants +f2 and +f3) draw their breath noise from the same `rand()`, so their waveform depended on what
+    earlier calls had left behind. Starting every call from the same empty state makes it the same every time."""
+    return {**os.environ, "HOME": folder, "XDG_RUNTIME_DIR": folder}
+
+
+def _run(command: list[str], environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=SYNTHESIS_TIMEOUT_S,
+                          env=environment)
