@@ -7,6 +7,8 @@
 #   mfu     bench/lm_throughput.py: modern_medium at sequence 2048 in bf16, ours eager and compiled against HF's
 #           LlamaForCausalLM of the same shape (training MFU), and decode tokens/s against HF (default and
 #           static cache + compile)
+#   adamw   bench/adamw_speed.py: the loop's fused AdamW against PyTorch's default (foreach on CUDA) on modern_medium,
+#           the step alone and in a bf16 training step
 #   dit     bench/dit_speed.py: our DiT's training step against diffusers' PixArt of the same size
 #   vocoder bench/vocoder_speed.py: our vocoders against Vocos' generator
 #
@@ -48,7 +50,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     exit 0
 fi
 
-PARTS=${*:-tests train mfu dit vocoder}
+PARTS=${*:-tests train mfu adamw dit vocoder}
 exec > >(tee -a "$LOG_DIR/gpu_check.log") 2>&1
 echo "== gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') parts: $PARTS (CPU_SMOKE=$SMOKE)"
 
@@ -124,6 +126,10 @@ for part in $PARTS; do
     run mfu 420 "$PY" bench/lm_throughput.py "${size[@]}" --device $DEVICE --dtype $DTYPE --seq-len $MFU_SEQ \
         --batch-size $MFU_BATCH --gen-batch-size 4 --prompt-len 32 --new-tokens $([ "$SMOKE" = 1 ] && echo 8 || echo 128) \
         --warmup 1 --steps $REPEATS --compile ;;
+  adamw)
+    if [ "$SMOKE" = 1 ]; then size=(--config tiny --threads 1 --batch-size 2 --seq-len 64); else
+        size=(--config modern_medium --vocab-size 32000 --bf16 --batch-size 8 --seq-len 2048); fi
+    run adamw 120 "$PY" bench/adamw_speed.py "${size[@]}" --device $DEVICE --warmup 1 --steps $REPEATS ;;
   dit)
     if has diffusers; then
         if [ "$SMOKE" = 1 ]; then size=(--config tiny_dit --depth 2 --latent-size 8 --threads 1); \
@@ -140,7 +146,7 @@ for part in $PARTS; do
     else
         echo "SKIP vocoder: vocos is not installed (bench/gpu_check.sh --fetch-wheels, carry .whl)"
     fi ;;
-  *) echo "unknown part '$part': the parts are tests train mfu dit vocoder"; exit 2 ;;
+  *) echo "unknown part '$part': the parts are tests train mfu adamw dit vocoder"; exit 2 ;;
   esac
 done
 echo; echo "== gpu_check done $(date -u '+%H:%M UTC')"

@@ -91,6 +91,27 @@ def test_weight_decay_reaches_matrices_only():
         assert torch.equal(dict(model.named_parameters())[name], before[name]), name
 
 
+def test_the_fused_update_is_pytorchs_adamw():
+    """make_optimizer runs PyTorch's fused AdamW kernel on a CPU; ten steps of it move the weights as PyTorch's
+    reference implementation (one tensor at a time) does, to float32 rounding."""
+    fused_model, reference_model = TwoLayers(), TwoLayers()
+    fused = make_optimizer(fused_model, 0.01, 0.1, (0.9, 0.95))
+    assert fused.defaults["fused"] is True
+    reference = torch.optim.AdamW([{"params": [reference_model.linear.weight], "weight_decay": 0.1},
+                                   {"params": [reference_model.linear.bias, *reference_model.norm.parameters()],
+                                    "weight_decay": 0.0}], lr=0.01, betas=(0.9, 0.95), foreach=False)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        x = torch.randn(5, 4, generator=generator)
+        for model, optimizer in ((fused_model, fused), (reference_model, reference)):
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for (name, ours), theirs in zip(fused_model.named_parameters(), reference_model.parameters()):
+        assert not torch.equal(ours, TwoLayers().state_dict()[name]), name  # it moved
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_frozen_parameters_are_not_optimised():
     model = TwoLayers()
     model.norm.requires_grad_(False)
