@@ -365,6 +365,29 @@ def test_after_step_runs_each_step_and_extra_state_resumes(tmp_path):
     assert resumed.steps == [1, 2, 3, 4]  # [1, 2] restored from checkpoint-2, then steps 3 and 4
 
 
+def test_the_logged_loss_is_the_window_mean_summed_without_item_calls(tmp_path, monkeypatch):
+    """train/loss at a log line is the mean of the micro-batch losses since the last one; the loop sums them on
+    the device and reads them back only when it logs (no `.item()` per micro-batch, which waits for a GPU)."""
+    task, losses, item_calls = tiny_lm_task(set()), [], []
+    loss_of = task.loss
+
+    def recorded_loss(*args, **kwargs):
+        terms = loss_of(*args, **kwargs)
+        losses.append((terms.loss if hasattr(terms, "loss") else terms).detach().clone())
+        return terms
+
+    task.loss = recorded_loss
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: item_calls.append(self.shape) or item(self))
+    args = loop_args(tmp_path, "window", "--max_steps", 4, "--logging_steps", 2, "--gradient_accumulation_steps", 3)
+    context = start_run(args)
+    train(task, args, context)
+    assert item_calls == [] and len(losses) == 12
+    logged = scalars(only_events(context.run_dir), "train/loss")
+    assert logged == pytest.approx({2: float(torch.stack(losses[:6]).double().mean()),
+                                    4: float(torch.stack(losses[6:]).double().mean())}, rel=1e-6)  # float32 events
+
+
 def test_one_nonfinite_loss_is_skipped(tmp_path):
     args = loop_args(tmp_path, "one_nan", "--gradient_accumulation_steps", 2)
     context = start_run(args)

@@ -83,10 +83,11 @@ def _set_requires_grad(module: nn.Module, enabled: bool) -> None:
 
 
 class _Window:
-    """Sums of the logged values since the last log line; reduced over ranks when logged."""
+    """Sums of the logged values since the last log line; reduced over ranks when logged. The sums stay on the
+    device until then, so adding a micro-batch's values does not wait for the device (no `.item()` per step)."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.units = 0.0
         self.start = time.perf_counter()
@@ -94,15 +95,16 @@ class _Window:
     def add(self, prefix: str, terms: LossTerms) -> None:
         values = {f"{prefix}loss": terms.loss, **{prefix + key: value for key, value in terms.logs.items()}}
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value.detach().float().item()
-                                                             if isinstance(value, torch.Tensor) else value)
+            value = value.detach().reshape(()).double() if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
             self.counts[key] = self.counts.get(key, 0) + 1
 
     def means(self, device: torch.device) -> tuple[dict, float]:
         """({key: mean over micro-batches and ranks}, summed units of every rank)."""
         keys = sorted(self.sums)
-        totals = all_reduce_sum(torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys] +
-                                             [self.units], dtype=torch.float64, device=device))
+        sums = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in keys]
+        counts = torch.tensor([self.counts[k] for k in keys] + [self.units], dtype=torch.float64, device=device)
+        totals = all_reduce_sum(torch.cat([torch.stack(sums) if sums else counts[:0], counts]))
         n = len(keys)
         return {key: float(totals[i] / totals[n + i]) for i, key in enumerate(keys)}, float(totals[-1])
 
