@@ -41,8 +41,8 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
-from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioDecodeError, AudioRecord, AudioSource,
-                                decode_record, rms_db)
+from data.audio_sources import (AudioDecodeError, AudioRecord, add_audio_feature_arguments, add_audio_source_arguments,
+                                audio_features_from_args, audio_source_from_args, decode_record, rms_db)
 from data.builtin_phrases import BUILTIN_PHRASES_NAME, DEFAULT_VAL_FRACTION, phrase_records
 from data.builtin_speech import BUILTIN_SPEECH_NAME
 from data.cli import run_preprocessing
@@ -59,32 +59,13 @@ MAX_LISTED_SKIPS = 100
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset_name", help=f"Hugging Face dataset (default {DEFAULT_HUB_DATASET}), "
-                                               f"{BUILTIN_PHRASES_NAME} or {BUILTIN_SPEECH_NAME} (no download)")
-    source.add_argument("--input_dir", help="folder of .wav/.flac/.ogg files with .txt transcripts beside them or a "
-                                            "metadata.csv (file_name,text[,speaker])")
-    source.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
-    parser.add_argument("--dataset_config", help=f"hub dataset config (default {DEFAULT_HUB_CONFIG} for "
-                                                 f"{DEFAULT_HUB_DATASET})")
-    parser.add_argument("--split", default="train", help="hub/saved split (e.g. train.360); built-in and folder "
-                                                         "sources: train or validation (val)")
-    parser.add_argument("--audio_column", default="audio")
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--speaker_column", default="speaker_id")
-    parser.add_argument("--num_items", type=int, help="read at most N utterances (built-in sources: how many to "
-                                                      "synthesise; default 2000/200 phrases, 1000/100 speech)")
-    parser.add_argument("--val_fraction", type=float, help="built-in and folder sources: share held out for "
-                                                           f"validation (default {DEFAULT_VAL_FRACTION} of the "
-                                                           "phrases' prompts, 0.05 otherwise)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the built-in corpus")
-    defaults = AudioFeatureConfig()
-    features = parser.add_argument_group("audio features (model/audio/features.py; use the vocoder's)")
-    for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
-        features.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    features.add_argument("--win_length", type=int, help="default n_fft")
-    features.add_argument("--f_min", type=float, default=defaults.f_min)
-    features.add_argument("--f_max", type=float, help="default sample_rate / 2")
+    add_audio_source_arguments(
+        parser, builtins=f"{BUILTIN_PHRASES_NAME} or {BUILTIN_SPEECH_NAME}", transcripts_optional=False,
+        num_items_help="read at most N utterances (built-in sources: how many to synthesise; default 2000/200 "
+                       "phrases, 1000/100 speech)",
+        val_fraction_help=f"built-in and folder sources: share held out for validation (default "
+                          f"{DEFAULT_VAL_FRACTION} of the phrases' prompts, 0.05 otherwise)")
+    add_audio_feature_arguments(parser, "audio features (model/audio/features.py; use the vocoder's)")
     utterances = parser.add_argument_group("utterances")
     utterances.add_argument("--min_seconds", type=float, default=0.5)
     utterances.add_argument("--max_seconds", type=float, default=20.0, help="longer utterances are skipped")
@@ -117,15 +98,9 @@ def records_from_args(args) -> tuple:
         return iter(records), len(records), {"kind": "builtin", "dataset_name": BUILTIN_PHRASES_NAME,
                                              "split": "validation" if args.split == "val" else args.split,
                                              "num_items": len(records), "val_fraction": fraction, "seed": args.seed}
-    dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
-    config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
-    source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split, input_dir=args.input_dir,
-                         from_disk=args.from_disk, audio_column=args.audio_column, text_column=args.text_column,
-                         speaker_column=args.speaker_column, num_items=args.num_items,
-                         val_fraction=args.val_fraction or 0.05, seed=args.seed)
-    if source.kind == "hub":
-        print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
-              "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
+    source = audio_source_from_args(args, val_fraction=args.val_fraction or 0.05)
+    if source.streaming_note:
+        print(source.streaming_note, file=sys.stderr)
     try:
         records = source.records()
     except DataSourceError as error:
@@ -191,9 +166,7 @@ def write_audio_diffusion_cache(args) -> dict:
     """Read the source, write the cache to args.output_dir (set), return meta.json's contents."""
     check_args(args)
     check_output_dir(args.output_dir, args.overwrite)
-    features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
-                                  hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
-                                  f_max=args.f_max)
+    features = audio_features_from_args(args)
     device = choose_device(args.device)
     speaker_encoder = load_speaker_encoder(args.speaker_encoder, device)  # before any work: fails fast offline
     text_encoder = load_text_encoder(args.text_encoder, device, args.max_conditions)

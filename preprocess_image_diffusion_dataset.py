@@ -30,7 +30,6 @@ scales by the train cache's factor: a validation cache records its own for infor
 """
 
 import argparse
-import itertools
 import sys
 from pathlib import Path
 
@@ -38,8 +37,8 @@ import torch
 from tqdm import tqdm
 
 from data.cli import run_preprocessing
-from data.image_latents import SHORT_SPLIT, LatentStatistics, image_items
-from data.image_sources import add_image_source_arguments
+from data.image_latents import (SHORT_SPLIT, LatentStatistics, add_image_items_arguments, check_image_size,
+                                encode_images, image_batches, image_items)
 from data.sharded_cache import ShardedCacheWriter, check_output_dir
 from model.image.pipeline import load_vae_checkpoint
 from model.text_encoders import BUILTIN_WORDS, DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER, load_text_encoder
@@ -51,12 +50,7 @@ MAX_LISTED_SKIPS = 100
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default="train", help="train or validation (val), or a dataset's split name")
-    images = parser.add_argument_group("images: an image cache, or a source as in preprocess_image_vae_dataset.py")
-    where = images.add_mutually_exclusive_group()
-    where.add_argument("--image_cache_dir", help="written by preprocess_image_vae_dataset.py (default: "
-                                                 "cached_datasets/image_<train|val>_cached)")
-    add_image_source_arguments(images, where)
+    add_image_items_arguments(parser)
 
     models = parser.add_argument_group("encoders")
     models.add_argument("--vae_checkpoint", help="checkpoint directory of pretrain_image_vae.py (required)")
@@ -79,14 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def encode_batch(items: list[dict], vae, text_encoder, device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Image-cache items ({"image": uint8 (3, H, W), "caption", ...}) -> latent-cache items (see the docstring)."""
-    images = torch.stack([item["image"] for item in items]).to(device).float() / 127.5 - 1.0
-    posterior = vae.encode(images)
+    means, logvars = encode_images(items, vae, device)
     text_emb, text_mask = text_encoder.encode([item["caption"] for item in items])
     entries = []
     for row, item in enumerate(items):
         entry = {key: value for key, value in item.items() if key != "image"}
-        entry["latent_mean"] = posterior.mean[row].to(dtype).cpu()
-        entry["latent_logvar"] = posterior.logvar[row].to(dtype).cpu()
+        entry["latent_mean"] = means[row].to(dtype).cpu()
+        entry["latent_logvar"] = logvars[row].to(dtype).cpu()
         entry["text_emb"] = text_emb[row][text_mask[row]].to(dtype).cpu()
         entries.append(entry)
     return entries
@@ -107,20 +100,14 @@ def write_latent_cache(args) -> dict:
     device = choose_device(args.device)
     vae, mismatch = load_vae_checkpoint(args.vae_checkpoint, args.vae_config, device)
     items, count, image_size, source = image_items(args, split)
-    factor = vae.config.downsample_factor
-    if image_size % factor:
-        raise ValueError(f"{image_size}x{image_size} images do not fit the VAE's downsampling factor {factor}: "
-                         f"write the images with --image_size {max(factor, image_size // factor * factor)}")
+    check_image_size(image_size, vae)
     text_encoder = load_text_encoder(args.text_encoder, device, args.text_max_length)
     dtype = STORAGE_DTYPES[args.storage_dtype]
     statistics, skipped, written, text_tokens = LatentStatistics(), [], 0, 0
     writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
     with writer, tqdm(total=count, desc="encoding", unit=" img") as progress:
-        items = iter(items)
-        while chunk := list(itertools.islice(items, args.batch_size)):
-            progress.update(len(chunk))
-            skipped += [skip for item, skip in chunk if item is None]
-            good = [item for item, _ in chunk if item is not None]
+        for good, skips in image_batches(items, args.batch_size, progress):
+            skipped += skips
             for entry in encode_batch(good, vae, text_encoder, device, dtype) if good else []:
                 writer.add(entry)
                 statistics.add(entry["latent_mean"], entry["latent_logvar"])

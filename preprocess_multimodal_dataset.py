@@ -41,7 +41,6 @@ tokens, fingerprint), the source and the counts.
 
 import argparse
 import hashlib
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -51,8 +50,8 @@ import torch
 from tqdm import tqdm
 
 from data.cli import run_preprocessing
-from data.image_latents import SHORT_SPLIT, LatentStatistics, checkpoint_fingerprint, image_items
-from data.image_sources import add_image_source_arguments
+from data.image_latents import (SHORT_SPLIT, LatentStatistics, add_image_items_arguments, check_image_size,
+                                checkpoint_fingerprint, encode_images, image_batches, image_items)
 from data.multimodal_audio import REPRESENTATIONS, AudioClips, open_audio_cache
 from data.multimodal_batches import ORDERS
 from data.sharded_cache import ShardedCacheWriter, check_output_dir
@@ -69,12 +68,7 @@ MAX_LISTED_SKIPS = 100
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--split", default="train", help="train or validation (val), or a dataset's split name")
-    images = parser.add_argument_group("images: an image cache, or a source as in preprocess_image_vae_dataset.py")
-    where = images.add_mutually_exclusive_group()
-    where.add_argument("--image_cache_dir", help="written by preprocess_image_vae_dataset.py (default: "
-                                                 "cached_datasets/image_<train|val>_cached)")
-    add_image_source_arguments(images, where)
+    add_image_items_arguments(parser)
 
     audio = parser.add_argument_group("audio: an utterance cache of preprocess_audio_diffusion_dataset.py")
     audio.add_argument("--audio_cache_dir", help="this split's utterance cache (no audio without it)")
@@ -148,14 +142,6 @@ def _text_windows(text_cache: TextTokenCache, split: str, tokens: int, max_items
         yield {"text_ids": torch.from_numpy(np.asarray(ids[index * tokens:(index + 1) * tokens]).astype(np.int32))}
 
 
-@torch.no_grad()
-def encode_images(items: list[dict], vae, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-cache items ({"image": uint8 (3, H, W), ...}) → the VAE posterior's (mean, logvar), each (B, C, h, w)."""
-    images = torch.stack([item["image"] for item in items]).to(device).float() / 127.5 - 1.0
-    posterior = vae.encode(images)
-    return posterior.mean, posterior.logvar
-
-
 def write_multimodal_cache(args) -> dict:
     """Write the split into args.output_dir (set); returns meta.json's contents."""
     if not args.vae_checkpoint and not args.audio_cache_dir:
@@ -174,10 +160,7 @@ def write_multimodal_cache(args) -> dict:
     if args.vae_checkpoint:
         vae, mismatch = load_vae_checkpoint(args.vae_checkpoint, args.vae_config, device)
         items, count, image_size, source = image_items(args, split)
-        factor = vae.config.downsample_factor
-        if image_size % factor:
-            raise ValueError(f"{image_size}x{image_size} images do not fit the VAE's downsampling factor {factor}: "
-                             f"use --image_size {max(factor, image_size // factor * factor)}")
+        check_image_size(image_size, vae)
     tokenizer, tokenizer_origin, items = _choose_tokenizer(args, text_cache, items, clips)
     encode_text = DocumentEncoder(tokenizer)
     writer = ShardedCacheWriter(args.output_dir, items_per_shard=args.items_per_shard, overwrite=args.overwrite)
@@ -244,11 +227,8 @@ def _write_images(args, writer, items, count, vae, encode_text, device, counts) 
     dtype = STORAGE_DTYPES[args.storage_dtype]
     statistics, skipped, shape = LatentStatistics(), [], None
     with tqdm(total=count, desc="encoding images", unit=" img") as progress:
-        items = iter(items)
-        while chunk := list(itertools.islice(items, args.batch_size)):
-            progress.update(len(chunk))
-            skipped += [skip for item, skip in chunk if item is None]
-            good = [item for item, _ in chunk if item is not None]
+        for good, skips in image_batches(items, args.batch_size, progress):
+            skipped += skips
             if not good:
                 continue
             means, logvars = encode_images(good, vae, device)

@@ -29,7 +29,8 @@ import sys
 import torch
 from tqdm import tqdm
 
-from data.audio_sources import (DEFAULT_HUB_CONFIG, DEFAULT_HUB_DATASET, AudioRecord, AudioSource, Segmenting,
+from data.audio_sources import (AudioRecord, AudioSource, Segmenting, add_audio_feature_arguments,
+                                add_audio_source_arguments, audio_features_from_args, audio_source_from_args,
                                 load_segments)
 from data.builtin_speech import BUILTIN_SPEECH_NAME, VOICE_GROUPS, parse_voices
 from data.cli import run_preprocessing
@@ -41,35 +42,17 @@ MAX_LISTED_SKIPS = 20
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--dataset_name", help=f"Hugging Face dataset (default {DEFAULT_HUB_DATASET}) or "
-                                               f"{BUILTIN_SPEECH_NAME} (no download; needs espeak-ng or flite)")
-    source.add_argument("--input_dir", help="folder of .wav/.flac/.ogg files (recursive), with optional .txt "
-                                            "transcripts beside them or a metadata.csv (file_name,text[,speaker])")
-    source.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
-    parser.add_argument("--dataset_config", help=f"hub dataset config (default {DEFAULT_HUB_CONFIG} for "
-                                                 f"{DEFAULT_HUB_DATASET})")
-    parser.add_argument("--split", default="train", help="hub/saved split (e.g. train.360); built-in and folder "
-                                                         "sources: train or validation (val)")
-    parser.add_argument("--audio_column", default="audio")
-    parser.add_argument("--text_column", default="text")
-    parser.add_argument("--speaker_column", default="speaker_id")
-    parser.add_argument("--num_items", type=int, help=f"read at most N files/rows; {BUILTIN_SPEECH_NAME}: how many "
-                                                      "utterances to synthesise (default 1000 train, 100 validation)")
-    parser.add_argument("--val_fraction", type=float, default=0.05,
-                        help="built-in, folder and single saved-dataset sources: share of items (by a hash of "
-                             "their key) in validation; use the same value for both splits")
-    parser.add_argument("--seed", type=int, default=0, help=f"picks the {BUILTIN_SPEECH_NAME} corpus")
+    add_audio_source_arguments(
+        parser, builtins=f"{BUILTIN_SPEECH_NAME} (needs espeak-ng or flite)", transcripts_optional=True,
+        num_items_help=f"read at most N files/rows; {BUILTIN_SPEECH_NAME}: how many utterances to synthesise "
+                       "(default 1000 train, 100 validation)",
+        val_fraction_default=0.05, val_fraction_help="built-in, folder and single saved-dataset sources: share of "
+                                                     "items (by a hash of their key) in validation; use the same "
+                                                     "value for both splits")
     parser.add_argument("--voices", help=f"{BUILTIN_SPEECH_NAME}: comma-separated voices (the speakers) or groups "
                                          f"{', '.join(VOICE_GROUPS)}; default espeak (its 12 voices). Voices: "
                                          f"{', '.join(VOICE_GROUPS['all'])}")
-    defaults = AudioFeatureConfig()
-    features = parser.add_argument_group("audio features (model/audio/features.py)")
-    for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
-        features.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    features.add_argument("--win_length", type=int, help="default n_fft")
-    features.add_argument("--f_min", type=float, default=defaults.f_min)
-    features.add_argument("--f_max", type=float, help="default sample_rate / 2")
+    add_audio_feature_arguments(parser, "audio features (model/audio/features.py)")
     segments = parser.add_argument_group("segments")
     segments.add_argument("--segment_seconds", type=float, default=4.0, help="cut files into pieces this long")
     segments.add_argument("--min_segment_seconds", type=float, default=1.0,
@@ -92,24 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 def write(args) -> dict:
     """Write the vocoder cache the flags describe to args.output_dir (set to its default when empty); returns meta."""
     args.output_dir = output_dir = args.output_dir or f"cached_datasets/vocoder_{args.split}"
-    dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
-    config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
-    source = AudioSource(dataset_name=dataset_name, dataset_config=config, split=args.split,
-                         input_dir=args.input_dir, from_disk=args.from_disk, audio_column=args.audio_column,
-                         text_column=args.text_column, speaker_column=args.speaker_column,
-                         num_items=args.num_items, val_fraction=args.val_fraction, seed=args.seed,
-                         voices=None if args.voices is None else parse_voices(args.voices))
-    features = AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
-                                  hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
-                                  f_max=args.f_max)
+    source = audio_source_from_args(args, voices=None if args.voices is None else parse_voices(args.voices))
+    features = audio_features_from_args(args)
     segmenting = Segmenting(features.sample_rate, args.segment_seconds, args.min_segment_seconds,
                             args.silence_db)
     if segmenting.min_segment_samples <= features.n_fft // 2:
         raise ValueError(f"--min_segment_seconds {args.min_segment_seconds} gives {segmenting.min_segment_samples} "
                          f"samples, too few for n_fft {features.n_fft}; raise it")
-    if source.kind == "hub":
-        print(f"streaming {dataset_name}{f' ({config})' if config else ''}, split {args.split}, with "
-              "datasets.load_dataset (a hub name needs network access)", file=sys.stderr)
+    if source.streaming_note:
+        print(source.streaming_note, file=sys.stderr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # many small tensors: threads cost more than they give; --num_workers scales
     try:

@@ -38,7 +38,7 @@ from model.audio.pipeline import load_audio_vae_checkpoint
 from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.audio_diffusion_task import build_audio_diffusion_task
-from training.cli import run_training
+from training.cli import finished_line, run_training
 
 
 def parse_args(argv=None):
@@ -117,9 +117,9 @@ def prepare(args):
                                           vocoder.to(context.device) if vocoder is not None else None, args, context)
 
     def report(summary: dict) -> str:
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,.0f} s of audio, "
-                 f"{summary['skipped_nonfinite']} skipped non-finite; DiT '{config.name}' over {codec.representation} "
-                 f"frames of {config.latent_channels} channels)"]
+        lines = [finished_line(summary, f"{summary['tokens']:,.0f} s of audio",
+                               f"DiT '{config.name}' over {codec.representation} frames of {config.latent_channels} "
+                               "channels")]
         if "eval/loss" in summary:
             lines.append(f"validation loss {summary['eval/loss']:.4f} (EMA weights {summary['eval/ema_loss']:.4f}), "
                          f"mse {summary['eval/mse']:.4f}")

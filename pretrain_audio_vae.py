@@ -28,7 +28,7 @@ from model.audio.vae import AudioVAEConfig, build_audio_vae
 from model.pretrained import load_pretrained
 from training.arguments import build_parser, check_arguments
 from training.audio_vae_task import build_audio_vae_task, segment_frames
-from training.cli import run_training
+from training.cli import finished_line, run_training
 
 FEATURE_KEYS = ("sample_rate", "n_mels", "n_fft", "hop_length", "win_length", "f_min", "f_max")
 
@@ -109,9 +109,9 @@ def prepare(args):
 
     def report(summary: dict) -> str:
         frames = segment_frames(args.segment_frames, config)
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,.0f} s of audio in "
-                 f"{frames}-frame crops, {summary['skipped_nonfinite']} skipped non-finite; VAE '{config.name}', "
-                 f"latent {config.latent_channels} x {config.latent_mels} x T/{config.time_downsample})"]
+        lines = [finished_line(summary, f"{summary['tokens']:,.0f} s of audio in {frames}-frame crops",
+                               f"VAE '{config.name}', latent {config.latent_channels} x {config.latent_mels} x "
+                               f"T/{config.time_downsample}")]
         if "eval/mel_l1" in summary:
             lines.append(f"validation: mel L1 {summary['eval/mel_l1']:.4f}, MSE {summary['eval/mel_mse']:.4f}, "
                          f"KL {summary['eval/kl']:.4f}")

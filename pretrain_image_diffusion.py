@@ -29,7 +29,7 @@ from model.image.diffusion import build_image_diffusion
 from model.image.pipeline import load_vae_checkpoint
 from training.arguments import build_parser, check_arguments
 from training.image_diffusion_task import DEFAULT_SAMPLE_PROMPTS, build_image_diffusion_task, resolve_diffusion_config
-from training.cli import run_training
+from training.cli import finished_line, run_training
 
 
 def parse_args(argv=None):
@@ -89,9 +89,8 @@ def prepare(args):
                                           vae.to(context.device), args, context)
 
     def report(summary: dict) -> str:
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images, "
-                 f"{summary['skipped_nonfinite']} skipped non-finite; DiT '{config.name}', latents "
-                 f"{config.latent_channels}x{config.latent_height}x{config.latent_width})"]
+        lines = [finished_line(summary, f"{summary['tokens']:,} images", f"DiT '{config.name}', latents "
+                               f"{config.latent_channels}x{config.latent_height}x{config.latent_width}")]
         if "eval/loss" in summary:
             lines.append(f"validation loss {summary['eval/loss']:.4f} (EMA weights {summary['eval/ema_loss']:.4f}), "
                          f"mse {summary['eval/mse']:.4f}")

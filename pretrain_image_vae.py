@@ -25,7 +25,7 @@ from model.image.vae import ImageVAEConfig, build_image_vae
 from training.arguments import build_parser, check_arguments
 from training.distributed import world_size
 from training.image_vae_task import build_image_vae_task
-from training.cli import run_training
+from training.cli import finished_line, run_training
 
 LDM_BASE_LEARNING_RATE = 4.5e-6  # per image of the global batch (LDM's scale_lr)
 
@@ -87,9 +87,8 @@ def prepare(args):
     def report(summary: dict) -> str:
         size = train_cache.meta["image_size"]
         gan = f", discriminator from step {config.disc_start_step}" if config.use_discriminator else ""
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} images of "
-                 f"{size}x{size}, {summary['skipped_nonfinite']} skipped non-finite; learning rate "
-                 f"{args.learning_rate:.3g}{gan})"]
+        lines = [finished_line(summary, f"{summary['tokens']:,} images of {size}x{size}",
+                               f"learning rate {args.learning_rate:.3g}{gan}")]
         if "eval/psnr" in summary:
             lines.append(f"validation: L1 {summary['eval/reconstruction']:.4f}, PSNR {summary['eval/psnr']:.2f} dB, "
                          f"SSIM {summary['eval/ssim']:.4f}")

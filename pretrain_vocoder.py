@@ -27,7 +27,7 @@ from data.vocoder_cache import open_vocoder_caches
 from model.audio.vocoders.config import VocoderConfig
 from model.audio.vocoders.vocoders import VocoderWithLoss, build_vocoder
 from training.arguments import build_parser, check_arguments
-from training.cli import run_training
+from training.cli import finished_line, run_training
 from training.vocoder_task import build_vocoder_task
 
 LOSS_WEIGHTS = ("mel_loss_weight", "stft_loss_weight", "phase_loss_weight", "adversarial_loss_weight",
@@ -93,9 +93,8 @@ def prepare(args):
 
     def report(summary: dict) -> str:
         seconds = summary["tokens"]
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({seconds:,.0f} s = "
-                 f"{seconds / 3600:.2f} h of audio seen, {summary['skipped_nonfinite']} skipped non-finite"
-                 + (f"; discriminators from step {args.gan_start_step}" if args.use_gan else "") + ")"]
+        lines = [finished_line(summary, f"{seconds:,.0f} s = {seconds / 3600:.2f} h of audio seen",
+                               f"discriminators from step {args.gan_start_step}" if args.use_gan else "")]
         if "eval/mel_l1" in summary:
             lines.append(f"validation: mel L1 {summary['eval/mel_l1']:.4f}, "
                          f"multi-resolution STFT {summary['eval/mrstft']:.4f}")

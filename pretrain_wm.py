@@ -35,7 +35,7 @@ from model.megatransformer_multimodal import is_multimodal_config
 from training.arguments import build_parser, check_arguments
 from training.language_modeling import DEFAULT_PROMPTS, build_lm_task
 from training.multimodal_task import add_multimodal_arguments, prepare_multimodal
-from training.cli import run_training
+from training.cli import finished_line, run_training
 
 
 def parse_args(argv=None):
@@ -79,8 +79,7 @@ def prepare(args):
     config = resolve_config(args, cache)
 
     def report(summary: dict) -> str:
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} "
-                 f"({summary['tokens']:,} tokens, {summary['skipped_nonfinite']} skipped non-finite)"]
+        lines = [finished_line(summary, f"{summary['tokens']:,} tokens")]
         if "eval/loss" in summary:
             lines.append(f"validation loss {summary['eval/loss']:.4f} (perplexity {summary['eval/perplexity']:.1f})")
         depths = sorted((int(key.rsplit("_", 1)[1]), value) for key, value in summary.items()

@@ -5,6 +5,9 @@ timing helpers of the speed scripts.
         return measure_and_report(build_parser(), measure, lambda args, report: Path(report["output_dir"]) / "x.json",
                                   print_report, argv)
     times = interleaved_times({"ours": f, "reference": g}, warmup=2, repeats=10, device="cpu")   # {name: [s, ...]}
+
+    add_speed_arguments(parser, steps=10)   # --warmup --steps --dtype --device --seed of a speed script
+    device_name = start_speed_run(args)     # checks --device, applies --threads
 """
 
 import json
@@ -15,6 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def measure_and_report(parser, measure: Callable, json_path: Callable, print_report: Callable, argv=None) -> int:
@@ -68,3 +74,22 @@ def interleaved_times(fns: dict, warmup: int, repeats: int, device: str) -> dict
             if i >= warmup:
                 times[name].append(seconds)
     return times
+
+
+def add_speed_arguments(parser, steps: int) -> None:
+    """The flags of a speed script that times ours against a reference: --warmup, --steps (timed repeats, default
+    `steps`), --dtype (a key of DTYPES), --device and --seed."""
+    parser.add_argument("--warmup", type=int, default=2, help="untimed repeats per model and measurement")
+    parser.add_argument("--steps", type=int, default=steps, help="timed repeats per model and measurement")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def start_speed_run(args) -> str:
+    """Exit with a message when --device cuda has no GPU; apply --threads (if given); return the device's name."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()

@@ -30,12 +30,9 @@ import diffusers  # noqa: E402
 import torch  # noqa: E402
 from diffusers import PixArtTransformer2DModel  # noqa: E402
 
-from bench.common import cpu_model, interleaved_times  # noqa: E402
+from bench.common import DTYPES, add_speed_arguments, interleaved_times, start_speed_run  # noqa: E402
 from model.diffusion import DiT  # noqa: E402
 from model.image.diffusion import ImageDiffusionConfig  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -46,11 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="training batch size")
     p.add_argument("--sample-batch-size", type=int, default=8, help="rows per sampling forward")
     p.add_argument("--text-length", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=2, help="untimed repeats per model and measurement")
-    p.add_argument("--steps", type=int, default=8, help="timed repeats per model and measurement")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
+    add_speed_arguments(p, steps=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
@@ -122,12 +115,8 @@ def summarize(work: float, times: dict) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device_name = start_speed_run(args)
     config = ImageDiffusionConfig.from_name(args.config).with_overrides([f"depth={args.depth}"])
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  torch {torch.__version__}  "
           f"diffusers {diffusers.__version__}  threads {torch.get_num_threads()}")
     print(f"device {args.device}: {device_name}")

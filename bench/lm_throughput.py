@@ -39,13 +39,10 @@ import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.generation.configuration_utils import CompileConfig  # noqa: E402
 
-from bench.common import cpu_model, interleaved_times, timed  # noqa: E402
+from bench.common import DTYPES, add_speed_arguments, interleaved_times, start_speed_run, timed  # noqa: E402
 from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model.hf_conversion import convert_hf_model  # noqa: E402
 from training.monitor import gpu_peak_flops  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -63,11 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gen-batch-size", type=int, default=4, help="prompts generated from at once")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--warmup", type=int, default=2, help="untimed repeats per model and measurement")
-    p.add_argument("--steps", type=int, default=10, help="timed repeats per model and measurement")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--seed", type=int, default=0)
+    add_speed_arguments(p, steps=10)
     p.add_argument("--compile", action="store_true", help="add the torch.compile'd variants")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--skip-generation", action="store_true")
@@ -238,11 +231,7 @@ def report(args, train: dict, peak: float, flops_per_token: float) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
+    device_name = start_speed_run(args)
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  torch {torch.__version__}  "
           f"transformers {transformers.__version__}  threads {torch.get_num_threads()}")
     print(f"device {args.device}: {device_name}" + (f" ({cpu_flags()})" if args.device == "cpu" else ""))

@@ -42,6 +42,7 @@ import torchaudio
 from data.builtin_speech import (BUILTIN_SPEECH_NAME, DEFAULT_VOICES, SpeechUnavailableError, Utterance,
                                  hash_fraction, iter_utterances, parse_voices, require_synthesisers, synthesize)
 from data.saved_datasets import DataSourceError, load_saved_dataset
+from model.audio.features import AudioFeatureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,15 @@ class AudioSource:
         """How many records records() will give, where known in advance (built-in source)."""
         return (self.num_items or BUILTIN_DEFAULT_ITEMS[self.split_name]) if self.kind == "builtin" else None
 
+    @property
+    def streaming_note(self) -> str | None:
+        """The line a CLI prints before reading a hub source (None for the others, which need no network)."""
+        if self.kind != "hub":
+            return None
+        config = f" ({self.dataset_config})" if self.dataset_config else ""
+        return (f"streaming {self.dataset_name}{config}, split {self.split}, with datasets.load_dataset (a hub name "
+                "needs network access)")
+
     def describe(self) -> dict:
         """The source as a JSON-able dict (for meta.json)."""
         fields = {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -372,3 +382,60 @@ def _read_metadata(path: Path) -> dict[str, dict]:
         rows = {Path(row["file_name"]).as_posix(): row for row in reader if row.get("file_name")}
     logger.info("%s: transcripts for %d files", path, len(rows))
     return rows
+
+
+def add_audio_source_arguments(parser, *, builtins: str, transcripts_optional: bool, num_items_help: str,
+                               val_fraction_help: str, val_fraction_default: float | None = None) -> None:
+    """The flags that choose and read an audio source, shared by the audio preprocess_*.py scripts: --dataset_name,
+    --input_dir and --from_disk (a mutually exclusive group), --dataset_config, --split, the column flags,
+    --num_items, --val_fraction and --seed. `builtins` names the built-in datasets the script takes (with their
+    needs, if any); the other arguments are the help and default of the flags whose meaning differs between scripts."""
+    sources = parser.add_mutually_exclusive_group()
+    sources.add_argument("--dataset_name", help=f"Hugging Face dataset (default {DEFAULT_HUB_DATASET}); built-in, "
+                                                f"no download: {builtins}")
+    sources.add_argument("--input_dir", help=f"folder of .wav/.flac/.ogg files (recursive), with "
+                                             f"{'optional ' if transcripts_optional else ''}.txt transcripts beside "
+                                             "them or a metadata.csv (file_name,text[,speaker])")
+    sources.add_argument("--from_disk", metavar="DIR", help="a dataset saved with datasets' save_to_disk")
+    parser.add_argument("--dataset_config", help=f"hub dataset config (default {DEFAULT_HUB_CONFIG} for "
+                                                 f"{DEFAULT_HUB_DATASET})")
+    parser.add_argument("--split", default="train", help="hub/saved split (e.g. train.360); built-in and folder "
+                                                         "sources: train or validation (val)")
+    parser.add_argument("--audio_column", default="audio")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--speaker_column", default="speaker_id")
+    parser.add_argument("--num_items", type=int, help=num_items_help)
+    parser.add_argument("--val_fraction", type=float, default=val_fraction_default, help=val_fraction_help)
+    parser.add_argument("--seed", type=int, default=0, help="picks the built-in corpus")
+
+
+def audio_source_from_args(args, **fields) -> AudioSource:
+    """The AudioSource the flags of add_audio_source_arguments describe: with none of --dataset_name, --input_dir
+    and --from_disk, DEFAULT_HUB_DATASET (config DEFAULT_HUB_CONFIG unless --dataset_config says otherwise).
+    `fields` set or replace AudioSource fields the flags do not give as they are (voices, val_fraction)."""
+    dataset_name = args.dataset_name or (None if args.input_dir or args.from_disk else DEFAULT_HUB_DATASET)
+    config = args.dataset_config or (DEFAULT_HUB_CONFIG if dataset_name == DEFAULT_HUB_DATASET else None)
+    flags = dict(dataset_name=dataset_name, dataset_config=config, split=args.split, input_dir=args.input_dir,
+                 from_disk=args.from_disk, audio_column=args.audio_column, text_column=args.text_column,
+                 speaker_column=args.speaker_column, num_items=args.num_items, val_fraction=args.val_fraction,
+                 seed=args.seed)
+    return AudioSource(**{**flags, **fields})
+
+
+def add_audio_feature_arguments(parser, title: str) -> None:
+    """--sample_rate, --n_mels, --n_fft, --hop_length, --win_length, --f_min and --f_max (AudioFeatureConfig's
+    fields and defaults), in an argument group named `title`."""
+    defaults = AudioFeatureConfig()
+    features = parser.add_argument_group(title)
+    for name in ("sample_rate", "n_mels", "n_fft", "hop_length"):
+        features.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    features.add_argument("--win_length", type=int, help="default n_fft")
+    features.add_argument("--f_min", type=float, default=defaults.f_min)
+    features.add_argument("--f_max", type=float, help="default sample_rate / 2")
+
+
+def audio_features_from_args(args) -> AudioFeatureConfig:
+    """The AudioFeatureConfig the flags of add_audio_feature_arguments describe."""
+    return AudioFeatureConfig(sample_rate=args.sample_rate, n_mels=args.n_mels, n_fft=args.n_fft,
+                              hop_length=args.hop_length, win_length=args.win_length, f_min=args.f_min,
+                              f_max=args.f_max)

@@ -18,9 +18,9 @@ from torch import nn
 from megatransformer_utils import ConfigRegistry, MegaTransformerConfig
 from model.generation import generate
 from model.transformer.attention import KVCache
-from model.transformer.block import TransformerBlock, run_blocks
+from model.transformer.block import GradientCheckpointing, TransformerBlock, run_blocks
 from model.transformer.embedding import DecoderEmbedding
-from model.transformer.moe import MixtureOfExperts
+from model.transformer.moe import MixtureOfExperts, combine_moe_terms
 from model.transformer.static_cache import StaticKVCache
 from model.transformer.norms import make_norm
 
@@ -80,7 +80,7 @@ def count_parameters(model: nn.Module, blocks, exclude_embeddings: bool, active_
     return total
 
 
-class MegaTransformerCausalLM(nn.Module):
+class MegaTransformerCausalLM(GradientCheckpointing, nn.Module):
     """Decoder-only transformer LM: embedding → n_layers blocks → final norm → LM head."""
 
     def __init__(self, config: MegaTransformerConfig):
@@ -90,14 +90,9 @@ class MegaTransformerCausalLM(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config, config.use_final_norm)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
         init_weights(self, config)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embedding.tokens.weight
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, past_key_values: Optional[KVCache] = None,
@@ -113,9 +108,7 @@ class MegaTransformerCausalLM(nn.Module):
                                   self.gradient_checkpointing and self.training)
         logits = self.lm_head(self.final_norm(x))
 
-        moe_losses = torch.stack(moe_terms).mean(0) if moe_terms else None
-        aux_loss = (self.config.moe_aux_loss_weight * moe_losses[0] + self.config.moe_z_loss_weight * moe_losses[1]
-                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
+        moe_losses, aux_loss = combine_moe_terms(moe_terms, self.config, logits)
         loss = shifted_cross_entropy(logits, labels) + aux_loss if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_losses=moe_losses,
                               past_key_values=cache if use_cache or past_key_values is not None else None)

@@ -39,8 +39,9 @@ from model.megatransformer_recurrent import RecurrentDepth
 from model.multimodal.config import MultimodalConfig
 from model.multimodal.media import build_media_codec, is_bidirectional, num_positions
 from model.multimodal.spans import SpanKVCache
-from model.transformer.block import TransformerBlock, run_blocks
+from model.transformer.block import GradientCheckpointing, TransformerBlock, run_blocks
 from model.transformer.embedding import DecoderEmbedding
+from model.transformer.moe import combine_moe_terms
 from model.transformer.norms import make_norm
 
 lookup = {path.stem: path for path in sorted((CONFIG_DIR / "multimodal").glob("*.yaml"))}
@@ -62,7 +63,7 @@ class MultimodalOutput:
     num_steps: int = 0
 
 
-class MegaTransformerMultimodal(RecurrentDepth, nn.Module):
+class MegaTransformerMultimodal(RecurrentDepth, GradientCheckpointing, nn.Module):
     """Embedding (text tokens + media encoders) → the backbone (n_layers blocks, or prelude, core × r and coda)
     → final norm → LM head and media decoders."""
 
@@ -79,17 +80,12 @@ class MegaTransformerMultimodal(RecurrentDepth, nn.Module):
         codecs = {kind: build_media_codec(kind, config.media[kind], config.hidden_size) for kind in config.media_kinds}
         self.media_encoders = nn.ModuleDict({kind: codec[0] for kind, codec in codecs.items()})
         self.media_decoders = nn.ModuleDict({kind: codec[1] for kind, codec in codecs.items()})
-        self.gradient_checkpointing = False
         recurrent = config.backbone == "recurrent"
         init_weights(self, dataclasses.replace(config, n_layers=self.effective_layers()) if recurrent else config)
         for decoder in self.media_decoders.values():
             decoder.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embedding.tokens.weight
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
 
     def span_length(self, kind: str) -> int:
         """Latent positions of one span of `kind` (between its begin and end tokens)."""
@@ -153,9 +149,7 @@ class MegaTransformerMultimodal(RecurrentDepth, nn.Module):
         logits = self.lm_head(hidden)
         predictions = {kind: self.media_decoders[kind](hidden[rows, columns]) for kind, (rows, columns) in placed.items()}
 
-        moe_losses = torch.stack(moe_terms).mean(0) if moe_terms else None
-        aux_loss = (self.config.moe_aux_loss_weight * moe_losses[0] + self.config.moe_z_loss_weight * moe_losses[1]
-                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
+        moe_losses, aux_loss = combine_moe_terms(moe_terms, self.config, logits)
         return MultimodalOutput(logits=logits, media=predictions, aux_loss=aux_loss, moe_losses=moe_losses,
                                 past_key_values=cache if use_cache or past_key_values is not None else None,
                                 thinking_steps=thinking_steps, num_steps=iterations)

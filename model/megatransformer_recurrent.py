@@ -28,8 +28,9 @@ from model import generation
 from model.megatransformer_causal import count_parameters, init_weights, shifted_cross_entropy
 from model.recurrent_criteria import iterate_until_exit, make_criterion
 from model.transformer.attention import KVCache
-from model.transformer.block import TransformerBlock
+from model.transformer.block import GradientCheckpointing, TransformerBlock
 from model.transformer.embedding import DecoderEmbedding
+from model.transformer.moe import combine_moe_terms
 from model.transformer.norms import make_norm
 
 lookup = ConfigRegistry(MegaTransformerConfig, ("recurrent",))
@@ -209,7 +210,7 @@ class RecurrentDepth:
                 step += 1
 
 
-class MegaTransformerRecurrentLM(RecurrentDepth, nn.Module):
+class MegaTransformerRecurrentLM(RecurrentDepth, GradientCheckpointing, nn.Module):
     """embedding → prelude blocks → (adapter → core blocks → core norm) × r → coda blocks → final norm → LM head."""
 
     def __init__(self, config: MegaTransformerConfig):
@@ -219,15 +220,10 @@ class MegaTransformerRecurrentLM(RecurrentDepth, nn.Module):
         self.build_recurrent_layers(config)
         self.final_norm = make_norm(config, config.use_final_norm)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.gradient_checkpointing = False
         # Residual projections scaled for the effective depth of a mean-depth forward pass.
         init_weights(self, replace(config, n_layers=self.effective_layers()))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embedding.tokens.weight
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
 
     # ----- forward -----
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -236,7 +232,6 @@ class MegaTransformerRecurrentLM(RecurrentDepth, nn.Module):
                 num_steps: Optional[int] = None, exit_criteria: Optional[str] = None) -> RecurrentLMOutput:
         """input_ids: (B, T); attention_mask: (B, cached + T); labels: (B, T), -100 ignored.
         num_steps: a fixed depth; without it, see resolve_depth."""
-        c = self.config
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         past_length = len(cache) if cache is not None else 0
         x, inputs = self.embedding(input_ids, attention_mask, position_ids, past_length)
@@ -246,9 +241,7 @@ class MegaTransformerRecurrentLM(RecurrentDepth, nn.Module):
             x, inputs, cache, token_mask, num_steps, exit_criteria, head, past_length)
         logits = head(hidden)
 
-        moe_losses = torch.stack(aux_terms).mean(0) if aux_terms else None
-        aux_loss = (c.moe_aux_loss_weight * moe_losses[0] + c.moe_z_loss_weight * moe_losses[1]
-                    if moe_losses is not None else logits.new_zeros((), dtype=torch.float32))
+        moe_losses, aux_loss = combine_moe_terms(aux_terms, self.config, logits)
         loss = shifted_cross_entropy(logits, labels) + aux_loss if labels is not None else None
         return RecurrentLMOutput(logits=logits, loss=loss, aux_loss=aux_loss, moe_losses=moe_losses,
                                  past_key_values=cache if use_cache or past_key_values is not None else None,

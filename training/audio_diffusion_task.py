@@ -35,7 +35,6 @@ from model.pretrained import DIFFUSION_META
 from training.audio_samples import mel_image
 from training.ema_state import EMAState
 from training.distributed import micro_batch_seed
-from training.loop import evaluate_means
 from training.task import Audio, Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -93,8 +92,8 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
     val = [{**collate(val_items[start:start + args.batch_size]), "index": torch.tensor(start)}
            for start in range(0, len(val_items), args.batch_size)]
     sample_items = val_items[:args.sample_clips]
-    ema = EMA(model, decay=config.ema_decay).to(device)
-    state = EMAState(ema, describe_run(args, train_cache, codec), DIFFUSION_META)
+    state = EMAState(EMA(model, decay=config.ema_decay).to(device), describe_run(args, train_cache, codec),
+                     DIFFUSION_META)
 
     def train_batch(i: int) -> dict:
         return {**collate([train_item(index) for index in train.indices(i)]), "index": torch.tensor(i)}
@@ -117,17 +116,12 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
         return {"loss": value, "mse": logs["mse"]}
 
     def evaluate(eval_model) -> dict:
-        metrics = {f"eval/{name}": value for name, value in evaluate_means(eval_model, val, measure, device).items()}
-        with ema.swapped_into(eval_model):
-            metrics["eval/ema_loss"] = evaluate_means(eval_model, val, measure, device)["loss"]
-        return metrics
+        return state.evaluate(eval_model, val, measure, device)
 
     @torch.no_grad()
     def samples(eval_model) -> dict:
-        was_training = eval_model.training
-        eval_model.eval()
         logged, rate = {}, train_cache.meta["features"]["sample_rate"]
-        with ema.swapped_into(eval_model):
+        with state.sampling(eval_model):
             for index, item in enumerate(sample_items):
                 mel = generate_mel(eval_model, codec, item["text_emb"][None].float().to(device),
                                    item["speaker_embedding"][None].float().to(device), item["mel"].shape[-1],
@@ -139,7 +133,6 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
                     logged[f"{prefix}/generated"] = Audio(vocoder(mel[None].to(device))[0][0].float().cpu(), rate)
                     logged[f"{prefix}/real"] = Audio(vocoder(item["mel"].float()[None].to(device))[0][0].float().cpu(),
                                                      rate)
-        eval_model.train(was_training)
         return logged
 
     logger.info("audio diffusion: %d train utterances (%d batches per epoch per rank), %d validation, %s frames "

@@ -4,6 +4,9 @@
         ...                                 # raise ValueError / FileNotFoundError for user mistakes
         return build_task, report           # build_task(context) -> TrainingTask; report(summary) -> str
 
+    def report(summary):                    # opens with the line every script shares
+        return finished_line(summary, f"{summary['tokens']:,} images", f"DiT '{config.name}'") + ...
+
     def main(argv=None) -> int:
         return run_training(argv, parse_args, prepare)
 
@@ -38,3 +41,11 @@ def run_training(argv, parse_args: Callable, prepare: Callable) -> int:
         print(f"\ncheckpoint: {summary.get('checkpoint')}")
         print(f"TensorBoard: ./tensorboard.sh 6006 {summary['run_dir']}   (then open http://localhost:6006)")
     return 0
+
+
+def finished_line(summary: dict, seen: str, details: str = "") -> str:
+    """The first line of a report, after a blank one: `finished RUN_DIR at step N (SEEN, K skipped non-finite;
+    DETAILS)`. SEEN says how much data the run saw (the summary's `tokens`, in the script's unit); DETAILS, left out
+    when empty, whatever else the script tells about the run (the model, the learning rate, ...)."""
+    return (f"\nfinished {summary['run_dir']} at step {summary['step']} ({seen}, {summary['skipped_nonfinite']} "
+            f"skipped non-finite{f'; {details}' if details else ''})")

@@ -37,7 +37,6 @@ from model.image.vae import ImageVAE
 from model.text_encoders import text_encoder_from_description
 from training.distributed import micro_batch_seed
 from training.ema_state import EMAState
-from training.loop import evaluate_means
 from training.task import Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -104,8 +103,7 @@ def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache:
     encoder = text_encoder_from_description(train_cache.meta["text_encoder"], device)
     prompt_emb, prompt_mask = encoder.encode(list(args.sample_prompts))
     del encoder
-    ema = EMA(model, decay=config.ema_decay).to(device)
-    state = EMAState(ema, {
+    state = EMAState(EMA(model, decay=config.ema_decay).to(device), {
         "made_by": "pretrain_image_diffusion.py", "vae_checkpoint": str(Path(args.vae_checkpoint).resolve()),
         "vae_config": vae.config.to_dict(), "latent_scale_factor": scale_factor,
         "latent_shape": train_cache.meta["latent_shape"], "image_size": train_cache.meta["image_size"],
@@ -131,19 +129,13 @@ def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache:
         return {"loss": value, "mse": logs["mse"]}
 
     def evaluate(eval_model) -> dict:
-        metrics = {f"eval/{name}": value for name, value in evaluate_means(eval_model, val, measure, device).items()}
-        with ema.swapped_into(eval_model):
-            metrics["eval/ema_loss"] = evaluate_means(eval_model, val, measure, device)["loss"]
-        return metrics
+        return state.evaluate(eval_model, val, measure, device)
 
     @torch.no_grad()
     def samples(eval_model) -> dict:
-        was_training = eval_model.training
-        eval_model.eval()
-        with ema.swapped_into(eval_model):
+        with state.sampling(eval_model):
             grid = sample_grid(eval_model, vae, prompt_emb, prompt_mask, scale_factor, args.sample_guidance_scales,
                                args.sample_steps)
-        eval_model.train(was_training)
         layout = (f"rows: guidance scales {', '.join(f'{s:g}' for s in args.sample_guidance_scales)} (EMA weights); "
                   "columns: " + " | ".join(args.sample_prompts))
         return {"samples/images": Image(grid.cpu()), "samples/layout": layout}

@@ -40,6 +40,7 @@ from model.multimodal.generation import caption_media, text_to_media
 from model.multimodal.loss import multimodal_loss
 from model.multimodal.media import num_positions
 from training.arguments import check_arguments
+from training.cli import finished_line
 from model.image.pipeline import load_vae_checkpoint
 from training.distributed import micro_batch_seed
 from training.loop import evaluate_means
@@ -361,8 +362,7 @@ def prepare_multimodal(args):
                                      tokenizer, args, context)
 
     def report(summary: dict) -> str:
-        lines = [f"\nfinished {summary['run_dir']} at step {summary['step']} ({summary['tokens']:,} tokens, "
-                 f"{summary['skipped_nonfinite']} skipped non-finite)"]
+        lines = [finished_line(summary, f"{summary['tokens']:,} tokens")]
         if "eval/loss" in summary:
             lines.append("validation: " + ", ".join(f"{key.removeprefix('eval/')} {value:.4f}"
                                                     for key, value in summary.items() if key.startswith("eval/")))

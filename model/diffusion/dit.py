@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from model.transformer.block import GradientCheckpointing
+
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep features, as in DiT
 
 
@@ -131,7 +133,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(GradientCheckpointing, nn.Module):
     """The denoiser. config: a DiffusionConfig (kept as `.config`). See the module docstring."""
 
     def __init__(self, config):
@@ -147,7 +149,6 @@ class DiT(nn.Module):
         self.null_text_embedding = nn.Parameter(torch.randn(config.text_embed_dim) / config.text_embed_dim ** 0.5)
         self.blocks = nn.ModuleList(DiTBlock(D, config.n_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_height * config.patch_size * C)
-        self.gradient_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -166,10 +167,6 @@ class DiT(nn.Module):
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in the backward pass instead of storing them."""
-        self.gradient_checkpointing = enabled
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, text_emb: torch.Tensor,
                 text_mask: torch.Tensor, drop_condition: torch.Tensor | None = None,

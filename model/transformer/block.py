@@ -41,6 +41,17 @@ class TransformerBlock(nn.Module):
         return self.ffn_post_norm(x + self.dropout(h)), aux
 
 
+class GradientCheckpointing:
+    """A model's switch for gradient checkpointing (off by default): set_gradient_checkpointing(True) makes its
+    forward recompute each block's activations in the backward pass instead of storing them, while training."""
+
+    gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.gradient_checkpointing = enabled
+
+
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attention_inputs: AttentionInputs, cache: Optional[KVCache],
                token_mask: Optional[torch.Tensor], checkpointing: bool) -> tuple[torch.Tensor, list]:
     """x (B, T, hidden_size) through every block in order → (x, the MoE auxiliary losses of the blocks that have

@@ -68,3 +68,14 @@ class MixtureOfExperts(nn.Module):
         load_balancing = self.n_experts * (share_routed * mean_prob).sum()
         z_loss = (torch.logsumexp(logits.float(), dim=-1).square() * weights).sum() / n_tokens
         return torch.stack((load_balancing, z_loss))
+
+
+def combine_moe_terms(moe_terms: list[torch.Tensor], config: MegaTransformerConfig,
+                      like: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The MoE layers' (2,) auxiliary terms → (moe_losses: their mean [load_balancing, z], or None when there are
+    none; aux_loss: moe_aux_loss_weight * load_balancing + moe_z_loss_weight * z, a float32 zero scalar on `like`'s
+    device for a dense model)."""
+    moe_losses = torch.stack(moe_terms).mean(0) if moe_terms else None
+    aux_loss = (config.moe_aux_loss_weight * moe_losses[0] + config.moe_z_loss_weight * moe_losses[1]
+                if moe_losses is not None else like.new_zeros((), dtype=torch.float32))
+    return moe_losses, aux_loss
