@@ -34,6 +34,7 @@ from model.diffusion import EMA
 from model.pretrained import DIFFUSION_META
 from training.audio_samples import mel_image
 from training.ema_state import EMAState
+from training.engines import ForwardWithConfig
 from training.distributed import micro_batch_seed
 from training.task import Audio, Image, LossTerms, TrainingTask
 
@@ -46,16 +47,6 @@ def frames_per_text_token(cache: ShardedCache) -> float:
     """Mel frames per text token over the cache (total frames / total tokens): the length rule of generation."""
     return cache.meta["seconds"] * cache.meta["features"]["sample_rate"] / cache.meta["features"]["hop_length"] / \
         (cache.meta["mean_text_tokens"] * cache.meta["num_items"])
-
-
-class _Denoiser:
-    """The DiT's config with a forward that may be DeepSpeed's engine (whose own `.config` is its JSON config)."""
-
-    def __init__(self, forward, config: AudioDiffusionConfig):
-        self.forward, self.config = forward, config
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
 
 
 def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache: ShardedCache,
@@ -102,7 +93,7 @@ def build_audio_diffusion_task(model, config: AudioDiffusionConfig, train_cache:
         generator = torch.Generator(device=device).manual_seed(micro_batch_seed(args.seed, context.rank,
                                                                                 int(batch["index"])))
         x0, frame_mask = as_frames(batch)
-        value, logs = audio_diffusion_loss(_Denoiser(forward, config), x0, batch["text_emb"], batch["text_mask"],
+        value, logs = audio_diffusion_loss(ForwardWithConfig(forward, config), x0, batch["text_emb"], batch["text_mask"],
                                            batch["speaker_embedding"] if config.speaker_embedding_dim else None,
                                            frame_mask, generator=generator)
         return LossTerms(value, logs=logs)

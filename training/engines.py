@@ -22,6 +22,17 @@ from training.schedule import make_optimizer, make_scheduler
 logger = logging.getLogger(__name__)
 
 
+class ForwardWithConfig:
+    """A model's forward, which may be DeepSpeed's engine (whose own `.config` is its JSON config), with the model's
+    config beside it: what a loss that reads `model.config` (the diffusion losses) is given while training."""
+
+    def __init__(self, forward, config):
+        self.forward, self.config = forward, config
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
 class PlainEngine:
     """Single-process training: autocast for bf16/fp16 (float32 weights), GradScaler for fp16. With
     --torch_compile the module is compiled in place (`nn.Module.compile`: its weights and state dict unchanged)."""

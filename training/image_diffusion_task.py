@@ -37,6 +37,7 @@ from model.image.vae import ImageVAE
 from model.text_encoders import text_encoder_from_description
 from training.distributed import micro_batch_seed
 from training.ema_state import EMAState
+from training.engines import ForwardWithConfig
 from training.task import Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)
@@ -80,16 +81,6 @@ def sample_latents(batch: dict, scale_factor: float, generator: torch.Generator)
     return (mean + torch.exp(0.5 * batch["latent_logvar"].float()) * noise) * scale_factor
 
 
-class _Denoiser:
-    """The DiT's config with a forward that may be DeepSpeed's engine (whose own `.config` is its JSON config)."""
-
-    def __init__(self, forward, config: ImageDiffusionConfig):
-        self.forward, self.config = forward, config
-
-    def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
-
-
 def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache: ShardedCache,
                                val_cache: ShardedCache, vae: ImageVAE, args, context) -> TrainingTask:
     """The TrainingTask. args: batch_size, seed, eval_batches, eval_steps, generation_steps (default eval_steps),
@@ -117,7 +108,7 @@ def build_image_diffusion_task(model, config: ImageDiffusionConfig, train_cache:
         generator = torch.Generator(device=device).manual_seed(micro_batch_seed(args.seed, context.rank,
                                                                                 int(batch["index"])))
         latents = sample_latents(batch, scale_factor, generator)
-        value, logs = diffusion_loss(_Denoiser(forward, config), latents, batch["text_emb"], batch["text_mask"],
+        value, logs = diffusion_loss(ForwardWithConfig(forward, config), latents, batch["text_emb"], batch["text_mask"],
                                      generator=generator)
         return LossTerms(value, logs=logs)
 
