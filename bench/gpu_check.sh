@@ -16,6 +16,10 @@
 #   CPU_SMOKE=1 PYTHON=.venv/bin/python bench/gpu_check.sh   # here, on CPU: every part with tiny sizes
 #   bench/gpu_check.sh --fetch-wheels             # here, before: the packages the GPU image lacks, into .whl/
 #
+# The device tool allows 10 minutes a command and about 15 minutes a session, start-up included: run it as two
+# commands, `bench/gpu_check.sh tests train` and then `bench/gpu_check.sh mfu adamw dit vocoder` (the second
+# finds the first's installs gone on a fresh machine and installs them again from .whl/).
+#
 # The GPU machine's image (Python 3.12) has torch, torchaudio, transformers and tensorboard but not DeepSpeed,
 # diffusers, Vocos and a few small packages. `--fetch-wheels` downloads them here with pip into .whl/ (which
 # .gitignore lists, so it travels only when named: carry [".whl"] in the device run), and this
