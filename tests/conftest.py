@@ -24,3 +24,11 @@ def one_thread():
         os.environ.pop("OMP_NUM_THREADS")
     else:
         os.environ["OMP_NUM_THREADS"] = omp
+
+
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+    """Every test starts with PyTorch's full float32 matmuls: a training run on a GPU switches them to TF32
+    (training/precision.py), which would loosen later comparisons in the same process."""
+    yield
+    torch.set_float32_matmul_precision("highest")

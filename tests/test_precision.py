@@ -1,4 +1,5 @@
-"""bfloat16 where it is fast: CPU flags, the one warning where it is emulated, and make demo's choice."""
+"""bfloat16 where it is fast: CPU flags, the one warning where it is emulated, and make demo's choice; TF32 for a GPU
+run's float32 matmuls (--no_tf32 keeps full float32)."""
 
 import logging
 
@@ -61,3 +62,22 @@ def test_a_bf16_run_on_an_emulating_cpu_says_so_once(tmp_path, cpu_with, caplog)
         caplog.clear()
         assert pretrain_wm.main([*args, "--run_name", "fp32"]) == 0
         assert not caplog.records
+
+
+def test_a_gpu_run_uses_tf32_unless_told_not_to():  # conftest restores the precision
+    # setting the precision needs no GPU, so the CUDA branch runs here too
+    assert torch.get_float32_matmul_precision() == "highest"  # PyTorch's default
+    assert precision.use_tf32_on_gpu(torch.device("cpu")) == "highest"  # a CPU run changes nothing
+    assert precision.use_tf32_on_gpu(torch.device("cuda")) == "high"
+    assert precision.use_tf32_on_gpu(torch.device("cuda", 1), enabled=False) == "highest"
+
+
+def test_the_loop_asks_for_tf32_on_the_training_device(monkeypatch):
+    from training import loop
+    from training.arguments import build_parser
+
+    seen = []
+    monkeypatch.setattr(loop, "use_tf32_on_gpu", lambda device, enabled: seen.append((device.type, enabled)))
+    for flags in ([], ["--no_tf32"]):
+        loop.start_run(build_parser("x").parse_args(["--run_name", "x", "--device", "cpu", *flags]))
+    assert seen == [("cpu", True), ("cpu", False)]

@@ -36,6 +36,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     dtype = precision.add_mutually_exclusive_group()
     dtype.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision")
     dtype.add_argument("--fp16", action="store_true", help="float16 mixed precision with loss scaling")
+    precision.add_argument("--no_tf32", action="store_true",
+                           help="on a GPU, keep float32 matmuls in full float32 (default: TF32 tensor cores, as "
+                                "torch.set_float32_matmul_precision('high'))")
     precision.add_argument("--use_gradient_checkpointing", action="store_true",
                            help="recompute activations in the backward pass to save memory")
 

@@ -28,7 +28,7 @@ from training.distributed import (all_reduce_sum, barrier, broadcast_flag, choos
                                   is_main_process, rank, union_over_ranks, world_size)
 from training.engines import make_engine
 from training.monitor import RunMonitor, gpu_peak_flops
-from training.precision import warn_if_bf16_is_emulated
+from training.precision import use_tf32_on_gpu, warn_if_bf16_is_emulated
 from training.task import LossTerms, TrainingTask, as_loss_terms
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class RunContext:
 def start_run(args) -> RunContext:
     device = choose_device(args.device)
     init_distributed(args.use_deepspeed, device)
+    use_tf32_on_gpu(device, enabled=not args.no_tf32)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     return RunContext(device=device, run_dir=Path(args.runs_dir) / args.run_name, rank=rank(), world_size=world_size())
 

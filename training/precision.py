@@ -1,4 +1,5 @@
-"""Whether bfloat16 is fast on the training device, and the one warning when a user asks for it where it is not.
+"""Whether bfloat16 is fast on the training device, and the one warning when a user asks for it where it is not;
+TF32 for the float32 matmuls of a GPU run.
 
 On a CUDA GPU from Ampere on, and on CPUs with AMX or AVX-512 BF16 instructions, bfloat16 matmuls run natively.
 Other CPUs (an AMD EPYC before Zen 4, an Intel Xeon without AMX) emulate them: measured on a 2-core AMD EPYC
@@ -54,3 +55,13 @@ def fast_precision_flags(device: torch.device | None = None) -> list[str]:
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return ["--bf16"] if has_native_bf16(device) else []
+
+
+def use_tf32_on_gpu(device: torch.device, enabled: bool = True) -> str:
+    """On a CUDA device, let float32 matmuls run as TF32 on the tensor cores (Ampere and later): PyTorch's
+    `set_float32_matmul_precision("high")`, as nanoGPT and litgpt do. The products keep a 10-bit mantissa and
+    float32 accumulation, at several times the full float32 rate. `enabled=False` (--no_tf32) keeps PyTorch's
+    "highest". On a CPU this changes nothing. Returns the precision now in effect."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+    return torch.get_float32_matmul_precision()
