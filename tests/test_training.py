@@ -481,3 +481,14 @@ def test_generate_text_from_a_run_dir(learning_run, capsys):
     assert ">>> The" in out and ">>> In the" in out and "random weights" not in out
     assert generate_text.main(["--run_dir", str(learning_run), "--checkpoint", "checkpoint-999", "--prompt", "x"]) == 1
     assert "checkpoint-999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12), ("NVIDIA A10G", None),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12),
+    ("NVIDIA B200", 2250e12), ("Tesla T4", None)])
+def test_mfu_uses_the_peak_of_the_exact_gpu_variant(name, peak):
+    from training.monitor import peak_flops_of
+
+    assert peak_flops_of(name) == peak

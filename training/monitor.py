@@ -13,15 +13,22 @@ from training.task import Audio, Image
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 matmul peak per GPU (vendor figures), for MFU. Unknown GPUs report no MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 matmul peak per GPU (NVIDIA's figures without sparsity), for MFU: the first entry whose key is part of
+# the device name counts, so a variant comes before its family (the PCIe and NVL cards run at lower clocks than
+# the SXM ones). None, or a GPU not listed, logs no MFU rather than a wrong one.
+GPU_PEAK_FLOPS = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
+                  ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12),
+                  ("A10G", None), ("A10", 125e12), ("L4", 121e12), ("4090", 165e12))
+
+
+def peak_flops_of(gpu_name: str) -> Optional[float]:
+    """The dense bf16 peak FLOP/s of the GPU that torch.cuda.get_device_name calls `gpu_name` (None if unknown)."""
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in gpu_name), None)
 
 
 def gpu_peak_flops(device: torch.device) -> Optional[float]:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in name), None)
+    """peak_flops_of the CUDA device (None on a CPU)."""
+    return peak_flops_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 class RunMonitor:
