@@ -10,8 +10,9 @@
 #                                            # idle core): runs/vocoder_recipe_small
 #   DRY_RUN=1 bench/vocoder_recipe.sh        # a few steps, to check the plumbing (a few minutes)
 #
-# Every stage prints its wall time; sizes are environment variables (STEPS=..., TRAIN_ITEMS=...). One torch
-# thread (OMP_NUM_THREADS=1) by default, as the other recipes; set it to your free cores. The caches are built
+# Every stage prints its wall time; sizes are environment variables (STEPS=..., TRAIN_ITEMS=...); SEED=N trains
+# another initialisation and data order (default 42) into runs/vocoder_recipe_SIZE_seedN (the caches are shared).
+# One torch thread (OMP_NUM_THREADS=1) by default, as the other recipes; set it to your free cores. The caches are built
 # once (OVERWRITE_CACHES=1 rebuilds them); re-running replaces the run. Figures: bench/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +34,8 @@ else
     NAME=vocoder_recipe TRAIN_ITEMS=${TRAIN_ITEMS:-2000} VAL_ITEMS=${VAL_ITEMS:-40} HELD_OUT_ITEMS=${HELD_OUT_ITEMS:-30}
 fi
 DATA=cached_datasets/${NAME}
-RUN=${NAME}_${SIZE}
+SEED=${SEED:-42}  # pretrain_vocoder.py's default
+RUN=${NAME}_${SIZE}$([[ $SEED == 42 ]] || echo "_seed$SEED")
 
 source bench/recipe_stages.sh  # stage NAME COMMAND...: run it and print its wall time
 
@@ -57,7 +59,7 @@ stage "vocoder ${CONFIG} (${STEPS} steps, batch ${BATCH}, lr ${LR})" \
     $PYTHON pretrain_vocoder.py --run_name "$RUN" --vocoder_type "$CONFIG" --train_data_dir "${DATA}_train" \
         --val_data_dir "${DATA}_val" --max_steps "$STEPS" --batch_size "$BATCH" --learning_rate "$LR" \
         --eval_steps "$STEPS" --eval_batches 8 --save_steps "$STEPS" --save_total_limit 1 --no_progress_bar \
-        --overwrite_run
+        --seed "$SEED" --overwrite_run
 
 for set in val:"${DATA}_val" held_out:"${DATA}_held_out" examples:inference/examples; do
     label=${set%%:*} source=${set#*:}
