@@ -15,7 +15,9 @@ speech:
 		command -v apt-get >/dev/null && apt-get install -y -qq $$program >/dev/null; } || \
 		echo "note: $$program not installed (apt-get install $$program)"; done
 
-$(STAMP): requirements.txt requirements-deepspeed.txt
+# The stamp's name holds the requirements' hash, so a change of content names a stamp that does not exist yet;
+# no file prerequisites, so a checkout that only touches requirements*.txt (same content) does not rebuild .venv.
+$(STAMP):
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
