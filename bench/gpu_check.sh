@@ -36,18 +36,19 @@ mkdir -p "$LOG_DIR" "$WORK"
 WHEELS="deepspeed==0.19.8:deepspeed hjson==3.1.0:hjson pydantic==2.14.4:pydantic pydantic-core==2.50.5:pydantic_core
 annotated-types==0.8.0:annotated_types typing-inspection==0.4.5:typing_inspection diffusers==0.42.1:diffusers
 importlib-metadata==10.2.0:importlib_metadata vocos==0.1.0:vocos encodec==0.1.1:encodec soundfile==0.14.0:soundfile
-cffi==2.1.1:cffi pycparser==3.12:pycparser"
+cffi==2.1.1:cffi pycparser==3.12:pycparser pesq==0.0.4:pesq pystoi==0.4.1:pystoi"
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p .whl
     for entry in $WHEELS; do
         spec=${entry%%:*}
-        # a wheel for the GPU image's CPython 3.12 on x86-64, else the source archive (DeepSpeed and encodec ship
-        # only that; the install below builds it there without build isolation)
+        # a wheel for the GPU image's CPython 3.12 on x86-64, else the source archive (DeepSpeed, encodec and pesq ship
+        # only that; the install below builds it there without build isolation; --no-binary names the package alone,
+        # so that pip may prepare it with its build requirements as wheels)
         "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
             -d .whl "$spec" 2>/dev/null \
-        || "$PY" -m pip download -q --no-deps --no-binary=:all: -d .whl "$spec" 2>/dev/null \
+        || "$PY" -m pip download -q --no-deps --no-binary="${spec%%==*}" -d .whl "$spec" 2>/dev/null \
         || echo "could not download $spec"
     done
     ls -la .whl
@@ -105,7 +106,9 @@ for part in $PARTS; do
   case $part in
   tests)
     # every test whose name or parameters mention cuda (they skip on a machine without one)
-    run tests 240 "$PY" -m pytest -q -x -k cuda --continue-on-collection-errors -p no:cacheprovider tests ;;
+    # no -x: a test module whose imports the image lacks (pesq, speechbrain, ...) is a collection error, which -x
+    # would turn into a stop before any test ran
+    run tests 240 "$PY" -m pytest -q -k cuda --continue-on-collection-errors -p no:cacheprovider tests ;;
   train)
     cache=$WORK/text_cache
     [ -f "$cache/meta.json" ] || run text_cache 180 "$PY" preprocess_text_dataset.py --dataset_name builtin:text \

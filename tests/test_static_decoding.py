@@ -9,6 +9,7 @@ from model import build_model
 
 SMALL = ["vocab_size=300", "hidden_size=64", "n_layers=2", "n_heads=4", "intermediate_size=96", "bos_token_id=null",
          "eos_token_id=null", "pad_token_id=null", "max_position_embeddings=64"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the CUDA ids are gpu_check.sh's `-k cuda`
 VARIANTS = {
     "gqa_rotary": ("tiny", ["n_query_groups=2"]),
     "mqa_partial_rotary": ("tiny", ["n_query_groups=1", "rotary_dim=8"]),
@@ -80,13 +81,15 @@ def test_static_cache_refusals():
 # Compiling the decode step with Inductor takes ~10 s with a warm Inductor cache and 1-2 minutes cold on
 # 2 CPU cores (gcc builds the kernels), hence one compiled test on a model with GQA, rotary and padding.
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("rows", [3, 1])
-def test_compiled_decode_step_gives_the_same_tokens(rows):
+def test_compiled_decode_step_gives_the_same_tokens(rows, device):
     """rows=1: one prompt, where every step's (1, 1) position ids must keep the same strides or each step would
-    recompile (12 steps pass dynamo's limit of 8 recompilations, a hard error under fullgraph)."""
-    model = small_model("tiny", ["n_query_groups=2"])
+    recompile (12 steps pass dynamo's limit of 8 recompilations, a hard error under fullgraph). On CUDA the step
+    runs as CUDA graphs ("reduce-overhead"), writing into the static cache's fixed buffers."""
+    model = small_model("tiny", ["n_query_groups=2"]).to(device)
     ids, mask = padded_prompts()
-    ids, mask = ids[-rows:], mask[-rows:]
+    ids, mask = ids[-rows:].to(device), mask[-rows:].to(device)
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=12)
     torch._dynamo.reset()
     for _ in range(2):  # the second call runs the compiled step of the first
