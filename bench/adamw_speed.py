@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import cpu_model, interleaved_times  # noqa: E402
+from bench.common import interleaved_times, start_speed_run  # noqa: E402
 from megatransformer_utils import MegaTransformerConfig  # noqa: E402
 from model import build_model  # noqa: E402
 from training.schedule import make_optimizer  # noqa: E402
@@ -95,14 +95,10 @@ def summarize(times: dict, reference: str, work: float) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but torch.cuda.is_available() is False; use --device cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device_name = start_speed_run(args)
     config = MegaTransformerConfig.from_name(args.config).with_overrides([f"vocab_size={args.vocab_size}"])
     torch.manual_seed(0)
     model = build_model(config).to(args.device)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else cpu_model()
     print(f"date {datetime.datetime.now():%Y-%m-%d %H:%M}  torch {torch.__version__}  threads "
           f"{torch.get_num_threads()}  device {args.device}: {device_name}")
     print(f"model {args.config}, vocabulary {args.vocab_size}: {model.num_parameters() / 1e6:.2f} M parameters, "

@@ -33,9 +33,9 @@ from model.audio.diffusion import AudioDiffusionConfig, FrameCodec, audio_diffus
 from model.diffusion import EMA
 from model.pretrained import DIFFUSION_META
 from training.audio_samples import mel_image
+from training.distributed import micro_batch_seed
 from training.ema_state import EMAState
 from training.engines import ForwardWithConfig
-from training.distributed import micro_batch_seed
 from training.task import Audio, Image, LossTerms, TrainingTask
 
 logger = logging.getLogger(__name__)

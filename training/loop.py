@@ -105,7 +105,7 @@ class _Window:
         keys = sorted(self.sums)
         sums = [torch.as_tensor(self.sums[k], dtype=torch.float64, device=device) for k in keys]
         counts = torch.tensor([self.counts[k] for k in keys] + [self.units], dtype=torch.float64, device=device)
-        totals = all_reduce_sum(torch.cat([torch.stack(sums) if sums else counts[:0], counts]))
+        totals = all_reduce_sum(torch.cat([torch.stack(sums), counts]))
         n = len(keys)
         return {key: float(totals[i] / totals[n + i]) for i, key in enumerate(keys)}, float(totals[-1])
 
